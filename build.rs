@@ -1,0 +1,23 @@
+//! Compiles the public contract in `proto/` into Rust and writes the file
+//! descriptor set that gRPC server reflection serves. `protoc` comes from
+//! `protoc-bin-vendored`, so a fresh machine needs no system protobuf compiler.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    let protos = [
+        "proto/msys/v1/user.proto",
+        "proto/msys/v1/order.proto",
+        "proto/msys/v1/monitor.proto",
+        "proto/msys/v1/events.proto",
+        "proto/msys/v1/metrics.proto",
+    ];
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("msys_descriptor.bin"))
+        .compile_with_config(config, &protos, &["proto"])?;
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,182 @@
+//! The command line: one binary, one subcommand per role plus the tools
+//! operators need around them. Parsing only; `run` hands each command to
+//! the module that owns it.
+
+use std::time::Duration;
+
+use anyhow::bail;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    all,
+    config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, UserPostgresArgs},
+    db, events, grpc, kafka, migrate,
+    telemetry::LogFormat,
+    user,
+};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "msys",
+    version,
+    about = "Event-driven microservices over gRPC, Kafka and PostgreSQL"
+)]
+pub struct Cli {
+    /// Log lines as text for people or JSON for collectors.
+    #[arg(
+        long,
+        env = "MSYS_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The user service (gRPC, default port 50051).
+    User(user::UserArgs),
+    /// The order service (gRPC, default port 50052).
+    Order,
+    /// The monitoring service (gRPC, default port 50053).
+    Monitor,
+    /// The dashboard (HTTP, default port 80).
+    Frontend,
+    /// Every implemented role in one process, each on its own port.
+    All(all::AllArgs),
+    /// Apply a role's schema migrations and exit.
+    Migrate(MigrateArgs),
+    /// Inspect and prepare the event topic.
+    #[command(subcommand)]
+    Events(EventsCommand),
+    /// Ask a role's grpc.health.v1 service; exit 0 only if SERVING.
+    Health(HealthArgs),
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrateTarget {
+    User,
+    Order,
+    All,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    #[arg(value_enum)]
+    pub target: MigrateTarget,
+    #[command(flatten)]
+    pub user_postgres: UserPostgresArgs,
+    #[command(flatten)]
+    pub order_postgres: OrderPostgresArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EventsCommand {
+    /// Print the topic's records as JSON lines.
+    Tail(events::tail::TailArgs),
+    /// Create the topic if it is missing (an existing one is left as it is).
+    CreateTopic(CreateTopicArgs),
+    /// List topics and their partition counts; fails if no broker answers.
+    ListTopics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CreateTopicArgs {
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Defaults to --user-events-topic.
+    #[arg(long)]
+    pub topic: Option<String>,
+    /// Defaults to --user-events-partitions.
+    #[arg(long)]
+    pub partitions: Option<i32>,
+    /// Defaults to --user-events-replication-factor.
+    #[arg(long)]
+    pub replication_factor: Option<i32>,
+}
+
+#[derive(Args, Debug)]
+pub struct HealthArgs {
+    /// HOST:PORT of the role.
+    pub addr: String,
+    /// A service name, e.g. msys.v1.UserService; empty for the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// Runs one command until it finishes or `shutdown` fires.
+pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
+    match command {
+        Command::User(args) => user::run(args, shutdown).await,
+        Command::All(args) => all::run(args, shutdown).await,
+        Command::Order => bail!("the order role is not implemented yet"),
+        Command::Monitor => bail!("the monitor role is not implemented yet"),
+        Command::Frontend => bail!("the frontend role is not implemented yet"),
+        Command::Migrate(args) => run_migrate(args).await,
+        Command::Events(EventsCommand::Tail(args)) => events::tail::run(args, shutdown).await,
+        Command::Events(EventsCommand::CreateTopic(args)) => {
+            let topic = args
+                .topic
+                .unwrap_or_else(|| args.kafka.user_events_topic.clone());
+            let partitions = args.partitions.unwrap_or(args.kafka.user_events_partitions);
+            let replication = args
+                .replication_factor
+                .unwrap_or(args.kafka.user_events_replication_factor);
+            kafka::ensure_topic(&args.kafka, &topic, partitions, replication).await
+        }
+        Command::Events(EventsCommand::ListTopics { kafka: args }) => {
+            for (topic, partitions) in kafka::list_topics(&args, Duration::from_secs(5)).await? {
+                println!("{topic} {partitions}");
+            }
+            Ok(())
+        }
+        Command::Health(args) => {
+            let status = grpc::check_health(&args.addr, &args.service, args.timeout).await?;
+            println!("{status}");
+            if status != "SERVING" {
+                bail!("{} reports {status}", args.addr);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let mut targets: Vec<(PostgresSettings, &[migrate::Migration])> = Vec::new();
+    if matches!(args.target, MigrateTarget::User | MigrateTarget::All) {
+        targets.push((args.user_postgres.into(), migrate::USERS));
+    }
+    if matches!(args.target, MigrateTarget::Order | MigrateTarget::All) {
+        targets.push((args.order_postgres.into(), migrate::ORDERS));
+    }
+    for (settings, migrations) in targets {
+        db::ensure_database(&settings).await?;
+        let pool = db::pool(&settings)?;
+        let applied = migrate::run(&pool, migrations).await?;
+        println!("{}: {applied} migration(s) applied", settings.dbname);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    #[test]
+    fn command_line_definition_is_consistent() {
+        // Catches clashing argument ids between flattened groups (e.g. both
+        // databases' --*-port) that clap would otherwise report at run time.
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,77 @@
+//! The errors RPC handlers return, and the one place they become a gRPC
+//! `Status`. Handlers say *what* went wrong; this module decides how a client
+//! sees it. Unexpected failures are logged here with their whole cause chain
+//! and reach the client only as a generic message.
+
+use tonic::{Code, Status};
+
+use crate::db::DbError;
+
+#[derive(thiserror::Error, Debug)]
+pub enum ServiceError {
+    /// The request itself is wrong; the message names the field.
+    #[error("{field}: {message}")]
+    InvalidArgument {
+        field: &'static str,
+        message: String,
+    },
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    /// The request is well-formed but the system is not in a state to accept it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A dependency (database, broker, another service) cannot be reached;
+    /// the client may retry.
+    #[error("{0}")]
+    Unavailable(String, #[source] Option<anyhow::Error>),
+    #[error(transparent)]
+    Unexpected(#[from] anyhow::Error),
+}
+
+impl ServiceError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        ServiceError::InvalidArgument {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<DbError> for ServiceError {
+    fn from(error: DbError) -> Self {
+        match error {
+            DbError::Unavailable(source) => {
+                ServiceError::Unavailable("database unavailable, try again".into(), Some(source))
+            }
+            DbError::Query(source) => ServiceError::Unexpected(
+                anyhow::Error::new(source).context("database query failed"),
+            ),
+        }
+    }
+}
+
+impl From<ServiceError> for Status {
+    fn from(error: ServiceError) -> Self {
+        let code = match &error {
+            ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServiceError::Unavailable(..) => Code::Unavailable,
+            ServiceError::Unexpected(_) => Code::Internal,
+        };
+        match &error {
+            ServiceError::Unexpected(cause) => {
+                tracing::error!(error.message = %cause, error.cause_chain = ?cause, "request failed unexpectedly");
+                Status::internal("internal error; the server log has the details")
+            }
+            ServiceError::Unavailable(message, cause) => {
+                tracing::warn!(error.message = %message, error.cause_chain = ?cause, "dependency unavailable");
+                Status::unavailable(message.clone())
+            }
+            _ => Status::new(code, error.to_string()),
+        }
+    }
+}

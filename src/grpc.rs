@@ -1,0 +1,122 @@
+//! The gRPC server every role runs: its own services plus health,
+//! reflection and metrics, behind the metrics layer, with a graceful drain
+//! bounded by a deadline. Also the small health client behind `msys health`.
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{
+    service::Routes,
+    transport::{Endpoint, Server, server::TcpIncoming},
+};
+use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::HealthReporter};
+
+use crate::{
+    metrics::{MetricsLayer, Registry},
+    pb::{self, metrics_service_server::MetricsServiceServer},
+};
+
+/// Binds a role's port. Done before serving, so a caller (a test binding port
+/// 0) can learn the address before the first request.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding gRPC port {addr}"))
+}
+
+/// Serves `routes` (the role's services and its health service) until
+/// `shutdown` fires, then lets in-flight RPCs finish for at most `grace`.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Routes,
+    metrics: Registry,
+    shutdown: CancellationToken,
+    grace: Duration,
+) -> anyhow::Result<()> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Both protocol versions: grpcurl and many tools still ask v1alpha.
+    let routes = routes
+        .add_service(
+            reflection()
+                .build_v1()
+                .context("building the reflection service")?,
+        )
+        .add_service(
+            reflection()
+                .build_v1alpha()
+                .context("building the reflection service")?,
+        )
+        .add_service(MetricsServiceServer::new(metrics.clone()));
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let server = Server::builder()
+        .layer(MetricsLayer::new(metrics))
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(server);
+    tokio::select! {
+        result = &mut server => return result.context("gRPC server task")?.context("gRPC server failed"),
+        _ = shutdown.cancelled() => {}
+    }
+    // Drains can hang on open streams (hyperium/hyper#4170): bound them.
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(result) => result
+            .context("gRPC server task")?
+            .context("gRPC server failed"),
+        Err(_) => {
+            server.abort();
+            tracing::warn!(
+                ?grace,
+                "in-flight RPCs did not finish within the grace period; cut them off"
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Marks the whole server and each named service as serving or not.
+pub async fn set_health(reporter: &HealthReporter, services: &[&str], serving: bool) {
+    let status = if serving {
+        ServingStatus::Serving
+    } else {
+        ServingStatus::NotServing
+    };
+    reporter.set_service_status("", status).await;
+    for service in services {
+        reporter.set_service_status(*service, status).await;
+    }
+}
+
+/// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the
+/// whole server). Used by `msys health` in scripts and container probes.
+pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Endpoint::from_shared(uri.clone())
+        .with_context(|| format!("{uri:?} is not a valid address"))?
+        .connect_timeout(timeout)
+        .timeout(timeout)
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {uri}"))?;
+    let response = HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+        .with_context(|| format!("health check of {uri}"))?;
+    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(
+        response.into_inner().status,
+    )
+    .map(|s| s.as_str_name().to_owned())
+    .unwrap_or_else(|_| "UNKNOWN".to_owned());
+    Ok(status)
+}

@@ -1,0 +1,19 @@
+//! msys: users, orders, monitoring and a dashboard as one binary with one
+//! role per subcommand. Each role is a library function taking its typed
+//! settings and a shutdown token, so `main`, `msys all` and the tests start
+//! them the same way.
+
+pub mod all;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod grpc;
+pub mod kafka;
+pub mod metrics;
+pub mod migrate;
+pub mod pb;
+pub mod shutdown;
+pub mod telemetry;
+pub mod user;

@@ -1,0 +1,70 @@
+//! Versioned schema migrations for both databases, embedded in the binary.
+//! Every role migrates its database at start, and `msys migrate` does it
+//! alone. Applying is idempotent and safe when several processes start at
+//! once: an advisory lock serialises them and each version is applied once,
+//! in one transaction with its bookkeeping row.
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+
+/// One schema change: its version, a name for people, and its SQL.
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const USERS: &[Migration] = &[Migration {
+    version: 1,
+    name: "users_and_outbox",
+    sql: include_str!("migrate/users/0001_users_and_outbox.sql"),
+}];
+
+pub const ORDERS: &[Migration] = &[];
+
+/// An arbitrary constant: the key of the advisory lock migrations hold.
+const MIGRATION_LOCK: i64 = 0x6d73_7973_6d69_6772; // "msysmigr"
+
+/// Applies the migrations the database has not seen yet; returns how many.
+pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize> {
+    let mut client = pool.get().await.context("connecting to migrate")?;
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version    INTEGER PRIMARY KEY,
+             name       TEXT NOT NULL,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let mut count = 0;
+    for migration in migrations.iter().filter(|m| !applied.contains(&m.version)) {
+        tx.batch_execute(migration.sql).await.with_context(|| {
+            format!(
+                "applying migration {} ({})",
+                migration.version, migration.name
+            )
+        })?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[&migration.version, &migration.name],
+        )
+        .await?;
+        tracing::info!(
+            version = migration.version,
+            name = migration.name,
+            "applied migration"
+        );
+        count += 1;
+    }
+    tx.commit().await?;
+    Ok(count)
+}

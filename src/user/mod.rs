@@ -1,0 +1,213 @@
+//! The user role: users in their own PostgreSQL, served over gRPC, every
+//! change published to `user-events` through the transactional outbox.
+
+pub mod domain;
+pub mod outbox;
+pub mod repo;
+pub mod service;
+
+use std::{net::SocketAddr, time::Duration};
+
+use anyhow::Context;
+use clap::Args;
+use deadpool_postgres::Pool;
+use tokio::net::TcpListener;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
+use tonic::service::Routes;
+use tonic_health::server::HealthReporter;
+
+use self::outbox::{Relay, RelaySettings};
+use crate::{
+    config::{KafkaArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
+    db, grpc,
+    metrics::Registry,
+    migrate,
+    pb::user_service_server::UserServiceServer,
+};
+
+const SERVICE_NAME: &str = "msys.v1.UserService";
+
+/// Settings of `msys user`.
+#[derive(Args, Debug, Clone)]
+pub struct UserArgs {
+    #[arg(long = "port", env = "USER_SERVICE_PORT", default_value_t = 50051)]
+    pub port: u16,
+    #[command(flatten)]
+    pub postgres: UserPostgresArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub relay: RelayArgs,
+}
+
+/// The outbox relay's knobs.
+#[derive(Args, Debug, Clone)]
+pub struct RelayArgs {
+    /// Rows published per pass.
+    #[arg(long, env = "OUTBOX_BATCH_SIZE", default_value_t = 500)]
+    pub outbox_batch_size: i64,
+    #[arg(long, env = "OUTBOX_POLL_INTERVAL", default_value = "250ms", value_parser = humantime::parse_duration)]
+    pub outbox_poll_interval: Duration,
+    #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub kafka_message_timeout: Duration,
+    #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub outbox_retention: Duration,
+    /// How long to wait for PostgreSQL at start before giving up.
+    #[arg(long, env = "MSYS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Duration,
+}
+
+impl From<&RelayArgs> for RelaySettings {
+    fn from(a: &RelayArgs) -> Self {
+        RelaySettings {
+            batch_size: a.outbox_batch_size.max(1),
+            poll_interval: a.outbox_poll_interval,
+            message_timeout: a.kafka_message_timeout,
+            retention: a.outbox_retention,
+        }
+    }
+}
+
+/// A user role that has connected, migrated and bound its port, ready to run.
+pub struct UserRole {
+    listener: TcpListener,
+    pool: Pool,
+    relay: Relay,
+    metrics: Registry,
+    grace: Duration,
+}
+
+impl UserRole {
+    pub async fn build(args: UserArgs) -> anyhow::Result<Self> {
+        let postgres = PostgresSettings::from(args.postgres.clone());
+        db::wait_for_database(&postgres, args.relay.startup_timeout).await?;
+        let pool = db::pool(&postgres)?;
+        migrate::run(&pool, migrate::USERS)
+            .await
+            .context("migrating the users database")?;
+        let metrics = Registry::new("user");
+        let relay = Relay::new(
+            pool.clone(),
+            args.kafka.clone(),
+            (&args.relay).into(),
+            metrics.clone(),
+        )?;
+        let listener = grpc::bind(args.server.addr(args.port)?).await?;
+        Ok(UserRole {
+            listener,
+            pool,
+            relay,
+            metrics,
+            grace: args.server.shutdown_grace,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.listener.local_addr()?)
+    }
+
+    /// Serves and relays until `shutdown`; then drains RPCs, stops the relay
+    /// and flushes the producer.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let UserRole {
+            listener,
+            pool,
+            relay,
+            metrics,
+            grace,
+        } = self;
+        tracing::info!(addr = %listener.local_addr()?, "user service listening");
+        let (reporter, health) = tonic_health::server::health_reporter();
+        grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
+        let api = service::UserApi::new(pool.clone(), relay.waker());
+        let routes = Routes::new(health).add_service(UserServiceServer::new(api));
+
+        let tasks = TaskTracker::new();
+        let background = shutdown.child_token();
+        tasks.spawn(relay.run(background.clone()));
+        tasks.spawn(watch_health(
+            pool,
+            reporter.clone(),
+            metrics.clone(),
+            background.clone(),
+        ));
+        tasks.close();
+
+        let served = grpc::serve(listener, routes, metrics, shutdown.clone(), grace).await;
+        // The server stops on `shutdown`, or on its own if it failed: either
+        // way the background tasks go too.
+        grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
+        background.cancel();
+        if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
+            tracing::warn!("background tasks did not stop within the grace period");
+        }
+        tracing::info!("user service stopped");
+        served
+    }
+}
+
+/// Reports SERVING while the database answers. The broker is deliberately
+/// not part of it: while Kafka is away the service still takes every
+/// request and the outbox holds the events, so it is healthy; the backlog
+/// shows in the `outbox_pending` metric instead.
+async fn watch_health(
+    pool: Pool,
+    reporter: HealthReporter,
+    metrics: Registry,
+    shutdown: CancellationToken,
+) {
+    let mut serving = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let pending = outbox_backlog(&pool).await;
+        if let Some(n) = pending {
+            metrics.set("outbox_pending", n);
+        }
+        let up = pending.is_some();
+        if serving != Some(up) {
+            if up {
+                tracing::info!("database reachable: SERVING");
+            } else {
+                tracing::warn!("database unreachable: NOT_SERVING");
+            }
+            grpc::set_health(&reporter, &[SERVICE_NAME], up).await;
+            serving = Some(up);
+        }
+    }
+}
+
+/// Rows not yet published, or None if the database cannot be reached.
+async fn outbox_backlog(pool: &Pool) -> Option<i64> {
+    let probe = async {
+        let client = pool.get().await.ok()?;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM user_outbox WHERE published_at IS NULL",
+                &[],
+            )
+            .await
+            .ok()?;
+        row.try_get::<_, i64>(0).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(2), probe)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Runs the user role until `shutdown`.
+pub async fn run(args: UserArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let role = tokio::select! {
+        role = UserRole::build(args) => role?,
+        // Stopped while still waiting for the database or the broker.
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    role.run_until_stopped(shutdown).await
+}

@@ -1,0 +1,162 @@
+//! SQL for users. Each change to a user and its outbox row are written by ONE
+//! statement (a data-modifying CTE), so they commit or fail together with a
+//! single round trip: there is no moment at which a user changed and its
+//! event does not exist, or the other way round.
+
+use std::time::SystemTime;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::{Row, error::SqlState};
+
+use super::domain::{Email, Page, UserChanges, UserName};
+use crate::{db::DbError, error::ServiceError, events::EventType, pb};
+
+const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
+
+/// `$1` name, `$2` email, `$3` event type. `scripts/bench/create_user.sql`
+/// runs the same statement under pgbench; keep them in step.
+const CREATE: &str = "
+WITH u AS (
+    INSERT INTO users (name, email) VALUES ($1, $2)
+    RETURNING id, name, email, version, created_at, updated_at
+), o AS (
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
+    SELECT $3, id, name, email, version, created_at, updated_at FROM u
+)
+SELECT id, name, email, version, created_at, updated_at FROM u";
+
+/// `$1` id, `$2` new name or NULL, `$3` new email or NULL, `$4` event type.
+const UPDATE: &str = "
+WITH u AS (
+    UPDATE users
+       SET name = COALESCE($2, name), email = COALESCE($3, email),
+           version = version + 1, updated_at = now()
+     WHERE id = $1
+    RETURNING id, name, email, version, created_at, updated_at
+), o AS (
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
+    SELECT $4, id, name, email, version, created_at, updated_at FROM u
+)
+SELECT id, name, email, version, created_at, updated_at FROM u";
+
+/// `$1` id, `$2` event type. The event carries the user as it was, with the
+/// next version, so consumers see the deletion as newer than any update.
+const DELETE: &str = "
+WITH u AS (
+    DELETE FROM users WHERE id = $1
+    RETURNING id, name, email, version, created_at, updated_at
+), o AS (
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
+    SELECT $2, id, name, email, version + 1, created_at, now() FROM u
+)
+SELECT id FROM u";
+
+fn user_from_row(row: &Row) -> pb::User {
+    let created_at: SystemTime = row.get("created_at");
+    let updated_at: SystemTime = row.get("updated_at");
+    pb::User {
+        id: row.get("id"),
+        name: row.get("name"),
+        email: row.get("email"),
+        version: row.get("version"),
+        created_at: Some(created_at.into()),
+        updated_at: Some(updated_at.into()),
+    }
+}
+
+/// Turns a failed write into what the client should hear.
+fn write_error(error: tokio_postgres::Error, email: Option<&Email>) -> ServiceError {
+    let error = DbError::from(error);
+    if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        let email = email.map_or("", Email::as_str);
+        return ServiceError::AlreadyExists(format!("a user with email {email:?} already exists"));
+    }
+    error.into()
+}
+
+pub async fn create(pool: &Pool, name: &UserName, email: &Email) -> Result<pb::User, ServiceError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &name.as_str(),
+                &email.as_str(),
+                &EventType::Created.as_str(),
+            ],
+        )
+        .await
+        .map_err(|e| write_error(e, Some(email)))?;
+    Ok(user_from_row(&row))
+}
+
+pub async fn get(pool: &Pool, id: i64) -> Result<pb::User, ServiceError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let statement = client
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
+        .await
+        .map_err(DbError::from)?;
+    let row = client
+        .query_opt(&statement, &[&id])
+        .await
+        .map_err(DbError::from)?;
+    row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
+}
+
+/// One page of users by ascending id, and the token of the next page if any.
+pub async fn list(
+    pool: &Pool,
+    page: Page,
+) -> Result<(Vec<pb::User>, Option<String>), ServiceError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT {COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
+        ))
+        .await
+        .map_err(DbError::from)?;
+    // One row more than asked tells whether another page exists.
+    let limit = i64::from(page.size) + 1;
+    let rows = client
+        .query(&statement, &[&page.after_id, &limit])
+        .await
+        .map_err(DbError::from)?;
+    let mut users: Vec<pb::User> = rows.iter().map(user_from_row).collect();
+    let next = if users.len() > page.size as usize {
+        users.truncate(page.size as usize);
+        users.last().map(|u| u.id.to_string())
+    } else {
+        None
+    };
+    Ok((users, next))
+}
+
+pub async fn update(pool: &Pool, id: i64, changes: &UserChanges) -> Result<pb::User, ServiceError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let statement = client.prepare_cached(UPDATE).await.map_err(DbError::from)?;
+    let name = changes.name.as_ref().map(UserName::as_str);
+    let email = changes.email.as_ref().map(Email::as_str);
+    let row = client
+        .query_opt(
+            &statement,
+            &[&id, &name, &email, &EventType::Updated.as_str()],
+        )
+        .await
+        .map_err(|e| write_error(e, changes.email.as_ref()))?;
+    row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
+}
+
+pub async fn delete(pool: &Pool, id: i64) -> Result<(), ServiceError> {
+    let client = pool.get().await.map_err(DbError::from)?;
+    let statement = client.prepare_cached(DELETE).await.map_err(DbError::from)?;
+    let row = client
+        .query_opt(&statement, &[&id, &EventType::Deleted.as_str()])
+        .await
+        .map_err(DbError::from)?;
+    row.map(|_| ()).ok_or_else(|| not_found(id))
+}
+
+fn not_found(id: i64) -> ServiceError {
+    ServiceError::NotFound(format!("user {id} does not exist"))
+}
