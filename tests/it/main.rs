@@ -1,0 +1,8 @@
+//! Integration tests against real PostgreSQL and a real Kafka-protocol
+//! broker (started by `scripts/test.sh`). One binary, so the suite links
+//! once and tests share the support module.
+
+mod support;
+mod user_api;
+mod user_events;
+mod user_faults;

@@ -1,0 +1,516 @@
+//! The test system: real PostgreSQL clusters and a real broker, started by
+//! `scripts/test.sh` and handed over in environment variables. Every test
+//! gets its own databases and topic, so tests run in parallel without seeing
+//! each other. Fault tests start dedicated servers of their own (a cluster
+//! they can stop, a broker they can kill) through [`DedicatedPostgres`] and
+//! [`DedicatedBroker`].
+
+use std::{
+    future::Future,
+    net::{SocketAddr, TcpListener},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use msys::{
+    config::{KafkaArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
+    pb::{self, user_service_client::UserServiceClient},
+    user::{RelayArgs, UserArgs, UserRole},
+};
+use rdkafka::{
+    ClientConfig, Message, Offset, TopicPartitionList,
+    consumer::{Consumer, StreamConsumer},
+    message::{Headers, OwnedMessage},
+};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// A variable `scripts/test.sh` exports; a clear message if it is missing.
+pub fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
+}
+
+pub fn init_logging() {
+    if std::env::var_os("TEST_LOG").is_some() {
+        msys::telemetry::init(msys::telemetry::LogFormat::Text);
+    }
+}
+
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Settings for a fresh database named `msys_test_<uuid>` on `port`
+/// (created by the role on start).
+pub fn fresh_database(port: u16) -> PostgresSettings {
+    PostgresSettings {
+        host: env("MSYS_TEST_PG_HOST"),
+        port,
+        user: env("MSYS_TEST_PG_USER"),
+        password: env("MSYS_TEST_PG_PASSWORD"),
+        dbname: unique("msys_test"),
+        pool_size: 8,
+    }
+}
+
+pub fn users_port() -> u16 {
+    env("MSYS_TEST_USER_PG_PORT")
+        .parse()
+        .expect("MSYS_TEST_USER_PG_PORT is a port")
+}
+
+pub fn shared_broker() -> String {
+    env("MSYS_TEST_KAFKA")
+}
+
+/// Kafka settings for `broker` (host:port) and a topic of this test's own.
+pub fn kafka_args(broker: &str, topic: &str) -> KafkaArgs {
+    let (host, port) = broker.rsplit_once(':').expect("broker is host:port");
+    KafkaArgs {
+        kafka_host: host.to_owned(),
+        kafka_port: port.parse().expect("broker port"),
+        kafka_extra_brokers: String::new(),
+        user_events_topic: topic.to_owned(),
+        user_events_partitions: 3,
+        user_events_replication_factor: 1,
+    }
+}
+
+pub fn user_pg_args(db: &PostgresSettings) -> UserPostgresArgs {
+    UserPostgresArgs {
+        host: db.host.clone(),
+        port: db.port,
+        user: db.user.clone(),
+        password: db.password.clone(),
+        dbname: db.dbname.clone(),
+        pool_size: db.pool_size,
+    }
+}
+
+pub fn server_args() -> ServerArgs {
+    ServerArgs {
+        listen_host: "127.0.0.1".into(),
+        shutdown_grace: Duration::from_secs(10),
+    }
+}
+
+pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
+    UserArgs {
+        port: 0,
+        postgres: user_pg_args(db),
+        kafka: kafka.clone(),
+        server: server_args(),
+        relay: RelayArgs {
+            outbox_batch_size: 500,
+            outbox_poll_interval: Duration::from_millis(100),
+            kafka_message_timeout: Duration::from_secs(5),
+            outbox_retention: Duration::from_secs(3600),
+            startup_timeout: Duration::from_secs(30),
+        },
+    }
+}
+
+/// A role running inside the test process.
+pub struct RunningRole {
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningRole {
+    /// Stops the role and asserts it drained within its grace period.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(Duration::from_secs(15), self.task)
+            .await
+            .expect("role stops within its grace period")
+            .expect("role task did not panic");
+        result.expect("role exits cleanly");
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(format!("http://{}", self.addr))
+            .expect("valid uri")
+            .connect()
+            .await
+            .expect("role accepts connections")
+    }
+}
+
+pub async fn start_user(args: UserArgs) -> RunningRole {
+    let role = UserRole::build(args).await.expect("user role builds");
+    let addr = role.local_addr().expect("bound");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
+    RunningRole {
+        addr,
+        shutdown,
+        task,
+    }
+}
+
+/// The user role on its own database and topic, against the shared servers.
+pub struct UserSystem {
+    pub db: PostgresSettings,
+    pub kafka: KafkaArgs,
+    pub role: RunningRole,
+    pub client: UserServiceClient<Channel>,
+}
+
+impl UserSystem {
+    pub async fn start() -> Self {
+        init_logging();
+        let db = fresh_database(users_port());
+        let kafka = kafka_args(&shared_broker(), &unique("user-events"));
+        let role = start_user(user_args(&db, &kafka)).await;
+        let client = UserServiceClient::new(role.channel().await);
+        UserSystem {
+            db,
+            kafka,
+            role,
+            client,
+        }
+    }
+
+    pub async fn create(&mut self, name: &str, email: &str) -> pb::User {
+        self.client
+            .create_user(pb::CreateUserRequest {
+                name: name.into(),
+                email: email.into(),
+            })
+            .await
+            .expect("create user")
+            .into_inner()
+    }
+
+    /// Waits until the relay has published everything, then returns every
+    /// record on the topic.
+    pub async fn published_events(&self) -> Vec<OwnedMessage> {
+        wait_for_outbox_drain(&self.db).await;
+        read_all(&self.kafka).await
+    }
+}
+
+/// A direct connection to a test database, for assertions on its tables.
+pub async fn sql(db: &PostgresSettings) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::Config::new()
+        .host(&db.host)
+        .port(db.port)
+        .user(&db.user)
+        .password(&db.password)
+        .dbname(&db.dbname)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    tokio::spawn(connection);
+    client
+}
+
+pub async fn wait_for_outbox_drain(db: &PostgresSettings) {
+    let client = sql(db).await;
+    eventually(
+        Duration::from_secs(30),
+        "the outbox is fully published",
+        || async {
+            let row = client
+                .query_one(
+                    "SELECT count(*) FROM user_outbox WHERE published_at IS NULL",
+                    &[],
+                )
+                .await
+                .ok()?;
+            (row.get::<_, i64>(0) == 0).then_some(())
+        },
+    )
+    .await;
+}
+
+/// Polls `probe` until it returns Some, for at most `timeout`: the bounded
+/// wait for flows that cross processes. Panics with `what` on time-out.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Every record of the topic, from the low to the high watermark of each
+/// partition at the time of the call.
+pub async fn read_all(kafka: &KafkaArgs) -> Vec<OwnedMessage> {
+    let topic = &kafka.user_events_topic;
+    let marks = msys::kafka::watermarks(kafka, topic, Duration::from_secs(10))
+        .await
+        .expect("watermarks");
+    let expected: i64 = marks.iter().map(|(_, low, high)| high - low).sum();
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", kafka.bootstrap_servers())
+        .set("group.id", unique("msys-test-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let mut assignment = TopicPartitionList::new();
+    for (partition, _, _) in &marks {
+        assignment
+            .add_partition_offset(topic, *partition, Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&assignment).expect("assign");
+    let mut records = Vec::new();
+    while (records.len() as i64) < expected {
+        let message = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "read {} of {expected} records, then nothing for 20 s",
+                    records.len()
+                )
+            })
+            .expect("read a record");
+        records.push(message.detach());
+    }
+    records
+}
+
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
+}
+
+/// Whether this process runs as root (effective uid 0), read from procfs.
+fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let uids = status.lines().find(|l| l.starts_with("Uid:"))?.to_owned();
+            uids.split_whitespace().nth(2).map(|euid| euid == "0")
+        })
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL tool, as the `postgres` user when we are root
+/// (PostgreSQL refuses to run as root).
+fn pg_tool(tool: &str) -> Command {
+    let path = PathBuf::from(env("MSYS_PG_BINDIR")).join(tool);
+    if is_root() {
+        let mut command = Command::new("runuser");
+        command.args(["-u", "postgres", "--"]).arg(path);
+        command
+    } else {
+        Command::new(path)
+    }
+}
+
+fn scratch_dir(prefix: &str) -> PathBuf {
+    let dir = PathBuf::from(env("MSYS_TEST_SCRATCH")).join(unique(prefix));
+    std::fs::create_dir_all(&dir).expect("create scratch dir");
+    if is_root() {
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .arg(&dir)
+            .status()
+            .expect("chown");
+        assert!(status.success(), "chown {dir:?} to postgres");
+    }
+    dir
+}
+
+/// A PostgreSQL cluster of one test's own, which it may stop and start.
+pub struct DedicatedPostgres {
+    pub port: u16,
+    dir: PathBuf,
+}
+
+impl DedicatedPostgres {
+    pub fn start() -> Self {
+        let dir = scratch_dir("pg");
+        let data = dir.join("data");
+        let pwfile = dir.join("pw");
+        std::fs::write(&pwfile, "postgres\n").expect("write password file");
+        if is_root() {
+            Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&pwfile)
+                .status()
+                .expect("chown");
+        }
+        let status = pg_tool("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
+                "-E",
+                "UTF8",
+            ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run initdb");
+        assert!(status.success(), "initdb failed");
+        let cluster = DedicatedPostgres {
+            port: free_port(),
+            dir,
+        };
+        cluster.resume();
+        cluster
+    }
+
+    /// Starts (again) the stopped cluster on its port.
+    pub fn resume(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        let status = pg_tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-w", "-o", &options, "start"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl start");
+        assert!(
+            status.success(),
+            "pg_ctl start failed; see {:?}",
+            self.dir.join("log")
+        );
+    }
+
+    /// Stops the cluster at once, as a crash or an outage would.
+    pub fn halt(&self) {
+        let status = pg_tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl stop");
+        assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    pub fn database(&self) -> PostgresSettings {
+        PostgresSettings {
+            port: self.port,
+            host: "127.0.0.1".into(),
+            ..fresh_database(self.port)
+        }
+    }
+}
+
+impl Drop for DedicatedPostgres {
+    fn drop(&mut self) {
+        let _ = pg_tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A broker process of one test's own, which it may kill and restart.
+pub struct DedicatedBroker {
+    pub addr: String,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl DedicatedBroker {
+    pub async fn start() -> Self {
+        let dir = scratch_dir("broker");
+        let mut broker = DedicatedBroker {
+            addr: format!("127.0.0.1:{}", free_port()),
+            dir,
+            child: None,
+        };
+        broker.resume().await;
+        broker
+    }
+
+    /// Starts the broker (again) on the same port and storage.
+    pub async fn resume(&mut self) {
+        let url = format!("tcp://{}", self.addr);
+        let log = std::fs::File::create(self.dir.join("broker.log")).expect("broker log");
+        let child = Command::new(env("MSYS_NISSHI_BIN"))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "sqlite://nisshi.db"])
+            .current_dir(&self.dir)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn nisshi");
+        self.child = Some(child);
+        let addr = self.addr.clone();
+        eventually(
+            Duration::from_secs(30),
+            "the dedicated broker accepts connections",
+            || {
+                let addr = addr.clone();
+                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+            },
+        )
+        .await;
+    }
+
+    /// kill -9: the broker vanishes mid-conversation.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for DedicatedBroker {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Creates `topic` with 3 partitions before any client can auto-create it.
+pub async fn create_topic(kafka: &KafkaArgs) {
+    msys::kafka::ensure_topic(kafka, &kafka.user_events_topic, 3, 1)
+        .await
+        .expect("create topic");
+}
