@@ -2,35 +2,74 @@
 //! under one shutdown — one process to attach a debugger to, one log stream.
 
 use clap::Args;
+use futures::future::BoxFuture;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use crate::user;
+use crate::{
+    config::{KafkaArgs, OrderPostgresArgs, ServerArgs, UserPostgresArgs},
+    order::{self, OrderArgs, ReplicaArgs},
+    user::{self, RelayArgs, UserArgs},
+};
 
+/// The roles' settings, with the shared groups (Kafka, server) given once.
 #[derive(Args, Debug, Clone)]
 pub struct AllArgs {
+    #[arg(long, env = "USER_SERVICE_PORT", default_value_t = 50051)]
+    pub user_port: u16,
+    #[arg(long, env = "ORDER_SERVICE_PORT", default_value_t = 50052)]
+    pub order_port: u16,
     #[command(flatten)]
-    pub user: user::UserArgs,
+    pub user_postgres: UserPostgresArgs,
+    #[command(flatten)]
+    pub order_postgres: OrderPostgresArgs,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub relay: RelayArgs,
+    #[command(flatten)]
+    pub replica: ReplicaArgs,
 }
 
 /// Runs the roles until `shutdown` or until one of them stops: a role that
 /// fails takes the others down with it, so the process never limps on half
 /// alive. Returns the first error.
 pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let user_args = UserArgs {
+        port: args.user_port,
+        postgres: args.user_postgres,
+        kafka: args.kafka.clone(),
+        server: args.server.clone(),
+        relay: args.relay,
+    };
+    let order_args = OrderArgs {
+        port: args.order_port,
+        postgres: args.order_postgres,
+        kafka: args.kafka,
+        server: args.server,
+        replica: args.replica,
+    };
     let tasks = TaskTracker::new();
     let root = shutdown.child_token();
-    let user = {
-        let token = root.child_token();
+    let supervise = |role: &'static str, run: BoxFuture<'static, anyhow::Result<()>>| {
         let root = root.clone();
         tasks.spawn(async move {
-            let result = user::run(args.user, token).await;
-            report_exit("user", &result);
+            let result = run.await;
+            report_exit(role, &result);
             root.cancel();
             result
         })
     };
+    let user = supervise("user", Box::pin(user::run(user_args, root.child_token())));
+    let order = supervise(
+        "order",
+        Box::pin(order::run(order_args, root.child_token())),
+    );
     tasks.close();
     tasks.wait().await;
-    user.await?
+    let results = [user.await?, order.await?];
+    results.into_iter().collect()
 }
 
 fn report_exit(role: &str, result: &anyhow::Result<()>) {

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     all,
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, UserPostgresArgs},
-    db, events, grpc, kafka, migrate,
+    db, events, grpc, kafka, migrate, order,
     telemetry::LogFormat,
     user,
 };
@@ -41,7 +41,7 @@ pub enum Command {
     /// The user service (gRPC, default port 50051).
     User(user::UserArgs),
     /// The order service (gRPC, default port 50052).
-    Order,
+    Order(order::OrderArgs),
     /// The monitoring service (gRPC, default port 50053).
     Monitor,
     /// The dashboard (HTTP, default port 80).
@@ -118,7 +118,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
     match command {
         Command::User(args) => user::run(args, shutdown).await,
         Command::All(args) => all::run(args, shutdown).await,
-        Command::Order => bail!("the order role is not implemented yet"),
+        Command::Order(args) => order::run(args, shutdown).await,
         Command::Monitor => bail!("the monitor role is not implemented yet"),
         Command::Frontend => bail!("the frontend role is not implemented yet"),
         Command::Migrate(args) => run_migrate(args).await,

@@ -141,6 +141,9 @@ pub struct ServerArgs {
     /// How long in-flight requests may take to finish after SIGTERM.
     #[arg(long, env = "MSYS_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: Duration,
+    /// How long to wait for PostgreSQL at start before giving up.
+    #[arg(long, env = "MSYS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub startup_timeout: Duration,
 }
 
 impl ServerArgs {

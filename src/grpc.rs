@@ -92,6 +92,38 @@ pub async fn set_health(reporter: &HealthReporter, services: &[&str], serving: b
     }
 }
 
+/// Keeps a role's health true to `probe` (is the role's database
+/// answering?), checking once a second until `shutdown`; logs transitions.
+pub async fn watch_health<F, Fut>(
+    reporter: HealthReporter,
+    service: &str,
+    shutdown: CancellationToken,
+    mut probe: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let mut serving = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let up = probe().await;
+        if serving != Some(up) {
+            if up {
+                tracing::info!(service, "database reachable: SERVING");
+            } else {
+                tracing::warn!(service, "database unreachable: NOT_SERVING");
+            }
+            set_health(&reporter, &[service], up).await;
+            serving = Some(up);
+        }
+    }
+}
+
 /// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the
 /// whole server). Used by `msys health` in scripts and container probes.
 pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {

@@ -117,8 +117,17 @@ pub fn header<'a, M: Message>(
     }
 }
 
+/// A user event read back from a record, checked.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    pub kind: EventType,
+    pub id: uuid::Uuid,
+    pub user: pb::User,
+    pub event: pb::UserEvent,
+}
+
 /// Reads a user event back, checking that headers and value agree.
-pub fn decode<M: Message>(message: &M) -> Result<(EventType, pb::UserEvent), DecodeError> {
+pub fn decode<M: Message>(message: &M) -> Result<Decoded, DecodeError> {
     let ce_type = header(message, "ce_type")?.ok_or(DecodeError::MissingHeader("ce_type"))?;
     let kind =
         EventType::parse(ce_type).ok_or_else(|| DecodeError::UnknownType(ce_type.to_owned()))?;
@@ -137,12 +146,19 @@ pub fn decode<M: Message>(message: &M) -> Result<(EventType, pb::UserEvent), Dec
             event.event_id
         )));
     }
-    let user = event.user.as_ref().ok_or(DecodeError::NoUser)?;
+    let id = uuid::Uuid::parse_str(ce_id)
+        .map_err(|_| DecodeError::Mismatch(format!("ce_id {ce_id:?} is not a UUID")))?;
+    let user = event.user.clone().ok_or(DecodeError::NoUser)?;
     if user.id <= 0 {
         return Err(DecodeError::Mismatch(format!(
             "user id {} is not positive",
             user.id
         )));
     }
-    Ok((kind, event))
+    Ok(Decoded {
+        kind,
+        id,
+        user,
+        event,
+    })
 }

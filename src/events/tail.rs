@@ -84,7 +84,7 @@ pub fn to_json(message: &BorrowedMessage<'_>) -> Value {
         "headers": headers,
     });
     match super::decode(message) {
-        Ok((_, event)) => record["event"] = event_json(&event),
+        Ok(decoded) => record["event"] = event_json(&decoded.event),
         Err(error) => record["error"] = Value::from(error.to_string()),
     }
     record

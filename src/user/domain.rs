@@ -2,13 +2,11 @@
 //! SQL runs, so the repository only ever sees clean input and every
 //! rejection names the offending field.
 
-use crate::error::ServiceError;
+use crate::{error::ServiceError, validate};
 
 pub const MAX_NAME_CHARS: usize = 200;
 /// RFC 5321's limit on a forward path.
 pub const MAX_EMAIL_CHARS: usize = 254;
-pub const DEFAULT_PAGE_SIZE: i32 = 50;
-pub const MAX_PAGE_SIZE: i32 = 1000;
 
 /// A person's display name: trimmed, non-empty, bounded, no control characters.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,23 +14,7 @@ pub struct UserName(String);
 
 impl UserName {
     pub fn parse(raw: &str) -> Result<Self, ServiceError> {
-        let name = raw.trim();
-        if name.is_empty() {
-            return Err(ServiceError::invalid("name", "must not be empty"));
-        }
-        if name.chars().count() > MAX_NAME_CHARS {
-            return Err(ServiceError::invalid(
-                "name",
-                format!("must be at most {MAX_NAME_CHARS} characters"),
-            ));
-        }
-        if name.chars().any(char::is_control) {
-            return Err(ServiceError::invalid(
-                "name",
-                "must not contain control characters",
-            ));
-        }
-        Ok(UserName(name.to_owned()))
+        validate::text("name", raw, MAX_NAME_CHARS).map(UserName)
     }
 
     pub fn as_str(&self) -> &str {
@@ -84,56 +66,6 @@ impl Email {
 
     pub fn as_str(&self) -> &str {
         &self.0
-    }
-}
-
-/// A database id as a client sent it: ids start at 1.
-pub fn parse_id(field: &'static str, id: i64) -> Result<i64, ServiceError> {
-    if id <= 0 {
-        return Err(ServiceError::invalid(
-            field,
-            format!("must be a positive id, got {id}"),
-        ));
-    }
-    Ok(id)
-}
-
-/// Page size and position of a listing. The token is the last id of the
-/// previous page; clients treat it as opaque.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Page {
-    pub size: i32,
-    pub after_id: i64,
-}
-
-impl Page {
-    pub fn parse(page_size: i32, page_token: &str) -> Result<Self, ServiceError> {
-        let size = match page_size {
-            0 => DEFAULT_PAGE_SIZE,
-            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
-            n => {
-                return Err(ServiceError::invalid(
-                    "page_size",
-                    format!(
-                        "must be between 1 and {MAX_PAGE_SIZE} (or 0 for {DEFAULT_PAGE_SIZE}), got {n}"
-                    ),
-                ));
-            }
-        };
-        let after_id = if page_token.is_empty() {
-            0
-        } else {
-            match page_token.parse::<i64>() {
-                Ok(id) if id > 0 => id,
-                _ => {
-                    return Err(ServiceError::invalid(
-                        "page_token",
-                        "is not a token this server issued",
-                    ));
-                }
-            }
-        };
-        Ok(Page { size, after_id })
     }
 }
 
@@ -196,29 +128,6 @@ mod tests {
             assert!(Email::parse(bad).is_err(), "{bad}");
         }
         assert!(Email::parse(&format!("{}@x.org", "a".repeat(65))).is_err());
-    }
-
-    #[test]
-    fn pages_default_and_reject_out_of_range() -> Result<(), ServiceError> {
-        assert_eq!(
-            Page::parse(0, "")?,
-            Page {
-                size: DEFAULT_PAGE_SIZE,
-                after_id: 0
-            }
-        );
-        assert_eq!(
-            Page::parse(10, "42")?,
-            Page {
-                size: 10,
-                after_id: 42
-            }
-        );
-        assert!(Page::parse(-1, "").is_err());
-        assert!(Page::parse(MAX_PAGE_SIZE + 1, "").is_err());
-        assert!(Page::parse(10, "abc").is_err());
-        assert!(Page::parse(10, "-5").is_err());
-        Ok(())
     }
 
     #[test]

@@ -14,7 +14,6 @@ use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
-use tonic_health::server::HealthReporter;
 
 use self::outbox::{Relay, RelaySettings};
 use crate::{
@@ -54,9 +53,6 @@ pub struct RelayArgs {
     pub kafka_message_timeout: Duration,
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,
-    /// How long to wait for PostgreSQL at start before giving up.
-    #[arg(long, env = "MSYS_STARTUP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
-    pub startup_timeout: Duration,
 }
 
 impl From<&RelayArgs> for RelaySettings {
@@ -82,7 +78,7 @@ pub struct UserRole {
 impl UserRole {
     pub async fn build(args: UserArgs) -> anyhow::Result<Self> {
         let postgres = PostgresSettings::from(args.postgres.clone());
-        db::wait_for_database(&postgres, args.relay.startup_timeout).await?;
+        db::wait_for_database(&postgres, args.server.startup_timeout).await?;
         let pool = db::pool(&postgres)?;
         migrate::run(&pool, migrate::USERS)
             .await
@@ -127,11 +123,26 @@ impl UserRole {
         let tasks = TaskTracker::new();
         let background = shutdown.child_token();
         tasks.spawn(relay.run(background.clone()));
-        tasks.spawn(watch_health(
-            pool,
+        // SERVING while the database answers. The broker is deliberately not
+        // part of it: while Kafka is away the service still takes every
+        // request and the outbox holds the events, so it is healthy; the
+        // backlog shows in the `outbox_pending` metric instead.
+        let gauge = metrics.clone();
+        let probe = move || {
+            let (pool, gauge) = (pool.clone(), gauge.clone());
+            async move {
+                let pending = outbox_backlog(&pool).await;
+                if let Some(n) = pending {
+                    gauge.set("outbox_pending", n);
+                }
+                pending.is_some()
+            }
+        };
+        tasks.spawn(grpc::watch_health(
             reporter.clone(),
-            metrics.clone(),
+            SERVICE_NAME,
             background.clone(),
+            probe,
         ));
         tasks.close();
 
@@ -145,41 +156,6 @@ impl UserRole {
         }
         tracing::info!("user service stopped");
         served
-    }
-}
-
-/// Reports SERVING while the database answers. The broker is deliberately
-/// not part of it: while Kafka is away the service still takes every
-/// request and the outbox holds the events, so it is healthy; the backlog
-/// shows in the `outbox_pending` metric instead.
-async fn watch_health(
-    pool: Pool,
-    reporter: HealthReporter,
-    metrics: Registry,
-    shutdown: CancellationToken,
-) {
-    let mut serving = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let pending = outbox_backlog(&pool).await;
-        if let Some(n) = pending {
-            metrics.set("outbox_pending", n);
-        }
-        let up = pending.is_some();
-        if serving != Some(up) {
-            if up {
-                tracing::info!("database reachable: SERVING");
-            } else {
-                tracing::warn!("database unreachable: NOT_SERVING");
-            }
-            grpc::set_health(&reporter, &[SERVICE_NAME], up).await;
-            serving = Some(up);
-        }
     }
 }
 

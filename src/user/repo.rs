@@ -8,8 +8,8 @@ use std::time::SystemTime;
 use deadpool_postgres::Pool;
 use tokio_postgres::{Row, error::SqlState};
 
-use super::domain::{Email, Page, UserChanges, UserName};
-use crate::{db::DbError, error::ServiceError, events::EventType, pb};
+use super::domain::{Email, UserChanges, UserName};
+use crate::{db::DbError, error::ServiceError, events::EventType, pb, validate::Page};
 
 const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 
@@ -118,17 +118,13 @@ pub async fn list(
         .map_err(DbError::from)?;
     // One row more than asked tells whether another page exists.
     let limit = i64::from(page.size) + 1;
+    let after = page.after.unwrap_or(0);
     let rows = client
-        .query(&statement, &[&page.after_id, &limit])
+        .query(&statement, &[&after, &limit])
         .await
         .map_err(DbError::from)?;
     let mut users: Vec<pb::User> = rows.iter().map(user_from_row).collect();
-    let next = if users.len() > page.size as usize {
-        users.truncate(page.size as usize);
-        users.last().map(|u| u.id.to_string())
-    } else {
-        None
-    };
+    let next = page.cut(&mut users, |u| u.id);
     Ok((users, next))
 }
 

@@ -8,10 +8,13 @@ use tokio::sync::Notify;
 use tonic::{Request, Response, Status};
 
 use super::{
-    domain::{Email, Page, UserChanges, UserName, parse_id},
+    domain::{Email, UserChanges, UserName},
     repo,
 };
-use crate::pb::{self, user_service_server::UserService};
+use crate::{
+    pb::{self, user_service_server::UserService},
+    validate::{Page, parse_id},
+};
 
 pub struct UserApi {
     pool: Pool,

@@ -2,6 +2,8 @@
 //! broker (started by `scripts/test.sh`). One binary, so the suite links
 //! once and tests share the support module.
 
+mod order_flow;
+mod order_replica;
 mod support;
 mod user_api;
 mod user_events;

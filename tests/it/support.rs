@@ -14,8 +14,12 @@ use std::{
 };
 
 use msys::{
-    config::{KafkaArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
-    pb::{self, user_service_client::UserServiceClient},
+    config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
+    order::{OrderArgs, OrderRole, ReplicaArgs},
+    pb::{
+        self, metrics_service_client::MetricsServiceClient,
+        order_service_client::OrderServiceClient, user_service_client::UserServiceClient,
+    },
     user::{RelayArgs, UserArgs, UserRole},
 };
 use rdkafka::{
@@ -92,10 +96,50 @@ pub fn user_pg_args(db: &PostgresSettings) -> UserPostgresArgs {
     }
 }
 
+pub fn orders_port() -> u16 {
+    env("MSYS_TEST_ORDER_PG_PORT")
+        .parse()
+        .expect("MSYS_TEST_ORDER_PG_PORT is a port")
+}
+
 pub fn server_args() -> ServerArgs {
     ServerArgs {
         listen_host: "127.0.0.1".into(),
         shutdown_grace: Duration::from_secs(10),
+        startup_timeout: Duration::from_secs(30),
+    }
+}
+
+pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> OrderArgs {
+    OrderArgs {
+        port: 0,
+        postgres: OrderPostgresArgs {
+            host: db.host.clone(),
+            port: db.port,
+            user: db.user.clone(),
+            password: db.password.clone(),
+            dbname: db.dbname.clone(),
+            pool_size: db.pool_size,
+        },
+        kafka: kafka.clone(),
+        server: server_args(),
+        replica: ReplicaArgs {
+            consumer_group: group.to_owned(),
+            dlq_topic: format!("{}.dlq", kafka.user_events_topic),
+            user_wait: Duration::from_secs(2),
+        },
+    }
+}
+
+pub async fn start_order(args: OrderArgs) -> RunningRole {
+    let role = OrderRole::build(args).await.expect("order role builds");
+    let addr = role.local_addr().expect("bound");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
+    RunningRole {
+        addr,
+        shutdown,
+        task,
     }
 }
 
@@ -110,7 +154,6 @@ pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
             outbox_poll_interval: Duration::from_millis(100),
             kafka_message_timeout: Duration::from_secs(5),
             outbox_retention: Duration::from_secs(3600),
-            startup_timeout: Duration::from_secs(30),
         },
     }
 }
@@ -124,9 +167,14 @@ pub struct RunningRole {
 
 impl RunningRole {
     /// Stops the role and asserts it drained within its grace period.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
+        self.halt().await;
+    }
+
+    /// Like `stop`, for a role kept in a struct that will get a new one.
+    pub async fn halt(&mut self) {
         self.shutdown.cancel();
-        let result = tokio::time::timeout(Duration::from_secs(15), self.task)
+        let result = tokio::time::timeout(Duration::from_secs(15), &mut self.task)
             .await
             .expect("role stops within its grace period")
             .expect("role task did not panic");
@@ -513,4 +561,121 @@ pub async fn create_topic(kafka: &KafkaArgs) {
     msys::kafka::ensure_topic(kafka, &kafka.user_events_topic, 3, 1)
         .await
         .expect("create topic");
+}
+
+/// Both services on their own databases, one topic and one consumer group.
+pub struct Flow {
+    pub users_db: PostgresSettings,
+    pub orders_db: PostgresSettings,
+    pub kafka: KafkaArgs,
+    pub group: String,
+    pub user: RunningRole,
+    pub order: RunningRole,
+    pub users: UserServiceClient<Channel>,
+    pub orders: OrderServiceClient<Channel>,
+}
+
+impl Flow {
+    pub async fn start() -> Self {
+        init_logging();
+        let users_db = fresh_database(users_port());
+        let orders_db = fresh_database(orders_port());
+        let kafka = kafka_args(&shared_broker(), &unique("user-events"));
+        create_topic(&kafka).await;
+        let group = unique("order-service");
+        let user = start_user(user_args(&users_db, &kafka)).await;
+        let order = start_order(order_args(&orders_db, &kafka, &group)).await;
+        wait_for_assignment(&order, 3).await;
+        let users = UserServiceClient::new(user.channel().await);
+        let orders = OrderServiceClient::new(order.channel().await);
+        Flow {
+            users_db,
+            orders_db,
+            kafka,
+            group,
+            user,
+            order,
+            users,
+            orders,
+        }
+    }
+
+    pub async fn create_user(&mut self, name: &str, email: &str) -> pb::User {
+        self.users
+            .create_user(pb::CreateUserRequest {
+                name: name.into(),
+                email: email.into(),
+            })
+            .await
+            .expect("create user")
+            .into_inner()
+    }
+
+    pub async fn stop(self) {
+        self.order.stop().await;
+        self.user.stop().await;
+    }
+}
+
+/// Every user as (id, name, email, version), from either side.
+pub async fn user_rows(db: &PostgresSettings, query: &str) -> Vec<(i64, String, String, i64)> {
+    let mut rows: Vec<_> = sql(db)
+        .await
+        .query(query, &[])
+        .await
+        .expect("query users")
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect();
+    rows.sort();
+    rows
+}
+
+pub const USERS_TABLE: &str = "SELECT id, name, email, version FROM users";
+pub const KNOWN_USERS: &str = "SELECT user_id, name, email, version FROM known_users";
+
+/// Waits until the order side's `known_users` equals the `users` table.
+pub async fn wait_until_replica_matches(users_db: &PostgresSettings, orders_db: &PostgresSettings) {
+    let mut last = (0, 0);
+    let result = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let (users, known) = (
+                user_rows(users_db, USERS_TABLE).await,
+                user_rows(orders_db, KNOWN_USERS).await,
+            );
+            if users == known {
+                return;
+            }
+            last = (users.len(), known.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(
+        result.is_ok(),
+        "known_users never matched users (last seen {} users, {} known)",
+        last.0,
+        last.1
+    );
+}
+
+pub async fn metric(channel: Channel, name: &str) -> i64 {
+    let report = MetricsServiceClient::new(channel)
+        .get_metrics(pb::GetMetricsRequest {})
+        .await
+        .expect("metrics")
+        .into_inner();
+    report.values.get(name).copied().unwrap_or(0)
+}
+
+/// Waits until the order role's consumer holds `partitions` partitions: a
+/// new group's first assignment takes the broker's initial rebalance delay
+/// (3 s, as in Apache Kafka), during which no event is applied.
+pub async fn wait_for_assignment(order: &RunningRole, partitions: i64) {
+    let channel = order.channel().await;
+    eventually(Duration::from_secs(30), "the order role's consumer is assigned its partitions", || {
+        let channel = channel.clone();
+        async move { (metric(channel, "partitions_assigned").await == partitions).then_some(()) }
+    })
+    .await;
 }
