@@ -19,6 +19,8 @@ use crate::pb::{self, metrics_service_server::MetricsService};
 /// Distinct RPC paths remembered; anything past it is counted under `other`
 /// so a client sending random paths cannot grow the map without bound.
 const MAX_METHODS: usize = 64;
+/// Gauge of RPCs being served right now (a GetMetrics call counts itself).
+pub const RPCS_IN_FLIGHT: &str = "rpcs_in_flight";
 /// Latencies are kept in microseconds up to one minute, 3 significant digits.
 const MAX_LATENCY_US: u64 = 60_000_000;
 
@@ -211,8 +213,10 @@ where
         let registry = self.registry.clone();
         let method = request.uri().path().to_owned();
         let started = Instant::now();
+        let in_flight = InFlight::enter(registry.clone());
         Box::pin(async move {
             let response = inner.call(request).await;
+            drop(in_flight);
             // A failed RPC is answered "trailers-only", with grpc-status in
             // the headers; a successful unary one carries it in the trailers,
             // so a missing header means OK.
@@ -226,5 +230,22 @@ where
             registry.record(&method, ok, started.elapsed());
             response
         })
+    }
+}
+
+/// Counts an RPC in `rpcs_in_flight` for as long as it lives, including
+/// when the client gives up and the future is dropped half-way.
+struct InFlight(Registry);
+
+impl InFlight {
+    fn enter(registry: Registry) -> Self {
+        registry.add(RPCS_IN_FLIGHT, 1);
+        InFlight(registry)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.add(RPCS_IN_FLIGHT, -1);
     }
 }

@@ -4,6 +4,7 @@
 
 mod order_flow;
 mod order_replica;
+mod shutdown;
 mod support;
 mod user_api;
 mod user_events;
