@@ -62,10 +62,7 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         })
     };
     let user = supervise("user", Box::pin(user::run(user_args, root.child_token())));
-    let order = supervise(
-        "order",
-        Box::pin(order::run(order_args, root.child_token())),
-    );
+    let order = supervise("order", Box::pin(order::run(order_args, root.child_token())));
     tasks.close();
     tasks.wait().await;
     let results = [user.await?, order.await?];

@@ -17,20 +17,10 @@ use crate::{
 };
 
 #[derive(Parser, Debug)]
-#[command(
-    name = "msys",
-    version,
-    about = "Event-driven microservices over gRPC, Kafka and PostgreSQL"
-)]
+#[command(name = "msys", version, about = "Event-driven microservices over gRPC, Kafka and PostgreSQL")]
 pub struct Cli {
     /// Log lines as text for people or JSON for collectors.
-    #[arg(
-        long,
-        env = "MSYS_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
+    #[arg(long, env = "MSYS_LOG_FORMAT", value_enum, default_value = "text", global = true)]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
@@ -124,13 +114,9 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::Migrate(args) => run_migrate(args).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail::run(args, shutdown).await,
         Command::Events(EventsCommand::CreateTopic(args)) => {
-            let topic = args
-                .topic
-                .unwrap_or_else(|| args.kafka.user_events_topic.clone());
+            let topic = args.topic.unwrap_or_else(|| args.kafka.user_events_topic.clone());
             let partitions = args.partitions.unwrap_or(args.kafka.user_events_partitions);
-            let replication = args
-                .replication_factor
-                .unwrap_or(args.kafka.user_events_replication_factor);
+            let replication = args.replication_factor.unwrap_or(args.kafka.user_events_replication_factor);
             kafka::ensure_topic(&args.kafka, &topic, partitions, replication).await
         }
         Command::Events(EventsCommand::ListTopics { kafka: args }) => {

@@ -119,12 +119,7 @@ impl KafkaArgs {
     /// The `bootstrap.servers` string librdkafka wants.
     pub fn bootstrap_servers(&self) -> String {
         let mut servers = format!("{}:{}", self.kafka_host, self.kafka_port);
-        for extra in self
-            .kafka_extra_brokers
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        {
+        for extra in self.kafka_extra_brokers.split(',').map(str::trim).filter(|s| !s.is_empty()) {
             servers.push(',');
             servers.push_str(extra);
         }
@@ -148,12 +143,10 @@ pub struct ServerArgs {
 
 impl ServerArgs {
     pub fn addr(&self, port: u16) -> anyhow::Result<SocketAddr> {
-        let ip: std::net::IpAddr = self.listen_host.parse().map_err(|e| {
-            anyhow::anyhow!(
-                "--listen-host {:?} is not an IP address: {e}",
-                self.listen_host
-            )
-        })?;
+        let ip: std::net::IpAddr = self
+            .listen_host
+            .parse()
+            .map_err(|e| anyhow::anyhow!("--listen-host {:?} is not an IP address: {e}", self.listen_host))?;
         Ok(SocketAddr::new(ip, port))
     }
 }

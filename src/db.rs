@@ -74,21 +74,11 @@ pub fn pool(settings: &PostgresSettings) -> anyhow::Result<Pool> {
         NoTls,
         // Fast recycling skips a round trip per checkout; a broken connection
         // is noticed by the query that uses it and reported as UNAVAILABLE.
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
+        ManagerConfig { recycling_method: RecyclingMethod::Fast },
     );
     let mut config = PoolConfig::new(settings.pool_size.max(1));
-    config.timeouts = Timeouts {
-        wait: Some(POOL_WAIT),
-        create: Some(CONNECT_TIMEOUT),
-        recycle: Some(CONNECT_TIMEOUT),
-    };
-    Pool::builder(manager)
-        .config(config)
-        .runtime(Runtime::Tokio1)
-        .build()
-        .context("building the PostgreSQL pool")
+    config.timeouts = Timeouts { wait: Some(POOL_WAIT), create: Some(CONNECT_TIMEOUT), recycle: Some(CONNECT_TIMEOUT) };
+    Pool::builder(manager).config(config).runtime(Runtime::Tokio1).build().context("building the PostgreSQL pool")
 }
 
 /// Creates the role's database if it does not exist yet, so a fresh cluster
@@ -100,24 +90,17 @@ pub async fn ensure_database(settings: &PostgresSettings) -> anyhow::Result<()> 
         Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {}
         Err(e) => {
             return Err(e).with_context(|| {
-                format!(
-                    "connecting to PostgreSQL at {}:{} as {}",
-                    settings.host, settings.port, settings.user
-                )
+                format!("connecting to PostgreSQL at {}:{} as {}", settings.host, settings.port, settings.user)
             });
         }
     }
     let (client, connection) = pg_config(settings, "postgres")
         .connect(NoTls)
         .await
-        .context(
-            "connecting to the maintenance database `postgres` to create the role's database",
-        )?;
+        .context("connecting to the maintenance database `postgres` to create the role's database")?;
     let driver = tokio::spawn(connection);
     let quoted = format!("\"{}\"", settings.dbname.replace('"', "\"\""));
-    let created = client
-        .batch_execute(&format!("CREATE DATABASE {quoted}"))
-        .await;
+    let created = client.batch_execute(&format!("CREATE DATABASE {quoted}")).await;
     drop(client);
     let _ = driver.await;
     match created {
@@ -134,10 +117,7 @@ pub async fn ensure_database(settings: &PostgresSettings) -> anyhow::Result<()> 
 /// Waits until the database accepts connections, for at most `timeout`:
 /// roles started together with their database (compose, start.sh after a
 /// reboot) should not fail because PostgreSQL is still starting.
-pub async fn wait_for_database(
-    settings: &PostgresSettings,
-    timeout: Duration,
-) -> anyhow::Result<()> {
+pub async fn wait_for_database(settings: &PostgresSettings, timeout: Duration) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut delay = Duration::from_millis(100);
     loop {

@@ -11,10 +11,7 @@ use crate::db::DbError;
 pub enum ServiceError {
     /// The request itself is wrong; the message names the field.
     #[error("{field}: {message}")]
-    InvalidArgument {
-        field: &'static str,
-        message: String,
-    },
+    InvalidArgument { field: &'static str, message: String },
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -32,10 +29,7 @@ pub enum ServiceError {
 
 impl ServiceError {
     pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
-        ServiceError::InvalidArgument {
-            field,
-            message: message.into(),
-        }
+        ServiceError::InvalidArgument { field, message: message.into() }
     }
 }
 
@@ -45,9 +39,9 @@ impl From<DbError> for ServiceError {
             DbError::Unavailable(source) => {
                 ServiceError::Unavailable("database unavailable, try again".into(), Some(source))
             }
-            DbError::Query(source) => ServiceError::Unexpected(
-                anyhow::Error::new(source).context("database query failed"),
-            ),
+            DbError::Query(source) => {
+                ServiceError::Unexpected(anyhow::Error::new(source).context("database query failed"))
+            }
         }
     }
 }

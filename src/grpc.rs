@@ -21,9 +21,7 @@ use crate::{
 /// Binds a role's port. Done before serving, so a caller (a test binding port
 /// 0) can learn the address before the first request.
 pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding gRPC port {addr}"))
+    TcpListener::bind(addr).await.with_context(|| format!("binding gRPC port {addr}"))
 }
 
 /// Serves `routes` (the role's services and its health service) until
@@ -42,16 +40,8 @@ pub async fn serve(
     };
     // Both protocol versions: grpcurl and many tools still ask v1alpha.
     let routes = routes
-        .add_service(
-            reflection()
-                .build_v1()
-                .context("building the reflection service")?,
-        )
-        .add_service(
-            reflection()
-                .build_v1alpha()
-                .context("building the reflection service")?,
-        )
+        .add_service(reflection().build_v1().context("building the reflection service")?)
+        .add_service(reflection().build_v1alpha().context("building the reflection service")?)
         .add_service(MetricsServiceServer::new(metrics.clone()));
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
@@ -65,15 +55,10 @@ pub async fn serve(
     }
     // Drains can hang on open streams (hyperium/hyper#4170): bound them.
     match tokio::time::timeout(grace, &mut server).await {
-        Ok(result) => result
-            .context("gRPC server task")?
-            .context("gRPC server failed"),
+        Ok(result) => result.context("gRPC server task")?.context("gRPC server failed"),
         Err(_) => {
             server.abort();
-            tracing::warn!(
-                ?grace,
-                "in-flight RPCs did not finish within the grace period; cut them off"
-            );
+            tracing::warn!(?grace, "in-flight RPCs did not finish within the grace period; cut them off");
             Ok(())
         }
     }
@@ -81,11 +66,7 @@ pub async fn serve(
 
 /// Marks the whole server and each named service as serving or not.
 pub async fn set_health(reporter: &HealthReporter, services: &[&str], serving: bool) {
-    let status = if serving {
-        ServingStatus::Serving
-    } else {
-        ServingStatus::NotServing
-    };
+    let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
     reporter.set_service_status("", status).await;
     for service in services {
         reporter.set_service_status(*service, status).await;
@@ -94,12 +75,8 @@ pub async fn set_health(reporter: &HealthReporter, services: &[&str], serving: b
 
 /// Keeps a role's health true to `probe` (is the role's database
 /// answering?), checking once a second until `shutdown`; logs transitions.
-pub async fn watch_health<F, Fut>(
-    reporter: HealthReporter,
-    service: &str,
-    shutdown: CancellationToken,
-    mut probe: F,
-) where
+pub async fn watch_health<F, Fut>(reporter: HealthReporter, service: &str, shutdown: CancellationToken, mut probe: F)
+where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
@@ -127,11 +104,7 @@ pub async fn watch_health<F, Fut>(
 /// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the
 /// whole server). Used by `msys health` in scripts and container probes.
 pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
-    };
+    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
     let channel = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("{uri:?} is not a valid address"))?
         .connect_timeout(timeout)
@@ -140,15 +113,11 @@ pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyho
         .await
         .with_context(|| format!("connecting to {uri}"))?;
     let response = HealthClient::new(channel)
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: service.to_owned(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: service.to_owned() })
         .await
         .with_context(|| format!("health check of {uri}"))?;
-    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(
-        response.into_inner().status,
-    )
-    .map(|s| s.as_str_name().to_owned())
-    .unwrap_or_else(|_| "UNKNOWN".to_owned());
+    let status = tonic_health::pb::health_check_response::ServingStatus::try_from(response.into_inner().status)
+        .map(|s| s.as_str_name().to_owned())
+        .unwrap_or_else(|_| "UNKNOWN".to_owned());
     Ok(status)
 }

@@ -20,10 +20,7 @@ use crate::config::KafkaArgs;
 /// that shows up in broker logs.
 pub fn client_config(args: &KafkaArgs, client_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", args.bootstrap_servers())
-        .set("client.id", client_id)
-        .set("log_level", "4");
+    config.set("bootstrap.servers", args.bootstrap_servers()).set("client.id", client_id).set("log_level", "4");
     config
 }
 
@@ -31,43 +28,26 @@ pub fn client_config(args: &KafkaArgs, client_id: &str) -> ClientConfig {
 /// accepted: idempotence (which implies acks=all and bounded in-flight
 /// requests), and the murmur2 partitioner so a key lands on the partition a
 /// Java client would choose.
-pub fn producer(
-    args: &KafkaArgs,
-    client_id: &str,
-    message_timeout: Duration,
-) -> anyhow::Result<FutureProducer> {
+pub fn producer(args: &KafkaArgs, client_id: &str, message_timeout: Duration) -> anyhow::Result<FutureProducer> {
     client_config(args, client_id)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "2")
-        .set(
-            "message.timeout.ms",
-            message_timeout.as_millis().to_string(),
-        )
+        .set("message.timeout.ms", message_timeout.as_millis().to_string())
         .create()
         .context("creating the Kafka producer")
 }
 
 /// Creates `topic` if it does not exist. An existing topic is left as it is,
 /// whatever its partition count.
-pub async fn ensure_topic(
-    args: &KafkaArgs,
-    topic: &str,
-    partitions: i32,
-    replication: i32,
-) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = client_config(args, "msys-admin")
-        .create()
-        .context("creating the Kafka admin client")?;
+pub async fn ensure_topic(args: &KafkaArgs, topic: &str, partitions: i32, replication: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(args, "msys-admin").create().context("creating the Kafka admin client")?;
     let options = AdminOptions::new()
         .operation_timeout(Some(Duration::from_secs(10)))
         .request_timeout(Some(Duration::from_secs(10)));
-    let new_topic = [NewTopic::new(
-        topic,
-        partitions,
-        TopicReplication::Fixed(replication),
-    )];
+    let new_topic = [NewTopic::new(topic, partitions, TopicReplication::Fixed(replication))];
     let request = admin.create_topics(&new_topic, &options);
     let results = tokio::time::timeout(Duration::from_secs(15), request)
         .await
@@ -85,44 +65,25 @@ pub async fn ensure_topic(
 }
 
 /// Topics and their partition counts, as the cluster reports them.
-pub async fn list_topics(
-    args: &KafkaArgs,
-    timeout: Duration,
-) -> anyhow::Result<Vec<(String, usize)>> {
-    let consumer: BaseConsumer = client_config(args, "msys-admin")
-        .create()
-        .context("creating a Kafka client")?;
+pub async fn list_topics(args: &KafkaArgs, timeout: Duration) -> anyhow::Result<Vec<(String, usize)>> {
+    let consumer: BaseConsumer = client_config(args, "msys-admin").create().context("creating a Kafka client")?;
     let servers = args.bootstrap_servers();
     tokio::task::spawn_blocking(move || {
-        let metadata = consumer
-            .fetch_metadata(None, timeout)
-            .with_context(|| format!("fetching metadata from {servers}"))?;
-        Ok(metadata
-            .topics()
-            .iter()
-            .map(|t| (t.name().to_owned(), t.partitions().len()))
-            .collect())
+        let metadata =
+            consumer.fetch_metadata(None, timeout).with_context(|| format!("fetching metadata from {servers}"))?;
+        Ok(metadata.topics().iter().map(|t| (t.name().to_owned(), t.partitions().len())).collect())
     })
     .await?
 }
 
 /// Low and high watermarks of every partition of `topic`.
-pub async fn watermarks(
-    args: &KafkaArgs,
-    topic: &str,
-    timeout: Duration,
-) -> anyhow::Result<Vec<(i32, i64, i64)>> {
-    let consumer: BaseConsumer = client_config(args, "msys-admin")
-        .create()
-        .context("creating a Kafka client")?;
+pub async fn watermarks(args: &KafkaArgs, topic: &str, timeout: Duration) -> anyhow::Result<Vec<(i32, i64, i64)>> {
+    let consumer: BaseConsumer = client_config(args, "msys-admin").create().context("creating a Kafka client")?;
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         let metadata = consumer.fetch_metadata(Some(&topic), timeout)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-            .collect();
+        let partitions: Vec<i32> =
+            metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
         partitions
             .into_iter()
             .map(|p| {

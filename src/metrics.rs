@@ -60,41 +60,27 @@ pub struct Registry {
 
 impl Registry {
     pub fn new(role: &'static str) -> Self {
-        Registry {
-            role,
-            started: Instant::now(),
-            inner: Arc::default(),
-        }
+        Registry { role, started: Instant::now(), inner: Arc::default() }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding this lock cannot leave the counters in a
         // state worth refusing to read, so poisoning is ignored.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Records one finished RPC.
     pub fn record(&self, method: &str, ok: bool, latency: Duration) {
         let mut inner = self.lock();
-        let key = if inner.methods.contains_key(method) || inner.methods.len() < MAX_METHODS {
-            method
-        } else {
-            "other"
-        };
-        let stats = inner
-            .methods
-            .entry(key.to_owned())
-            .or_insert_with(MethodStats::new);
+        let key =
+            if inner.methods.contains_key(method) || inner.methods.len() < MAX_METHODS { method } else { "other" };
+        let stats = inner.methods.entry(key.to_owned()).or_insert_with(MethodStats::new);
         if ok {
             stats.ok += 1;
         } else {
             stats.failed += 1;
         }
-        let us = u64::try_from(latency.as_micros())
-            .unwrap_or(u64::MAX)
-            .clamp(1, MAX_LATENCY_US);
+        let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX).clamp(1, MAX_LATENCY_US);
         stats.sum_us += us;
         stats.latency_us.saturating_record(us);
     }
@@ -127,11 +113,7 @@ impl Registry {
                     total,
                     ok: s.ok,
                     failed: s.failed,
-                    avg_latency_ms: if total == 0 {
-                        0.0
-                    } else {
-                        ms(s.sum_us) / total as f64
-                    },
+                    avg_latency_ms: if total == 0 { 0.0 } else { ms(s.sum_us) / total as f64 },
                     p50_latency_ms: ms(s.latency_us.value_at_quantile(0.5)),
                     p99_latency_ms: ms(s.latency_us.value_at_quantile(0.99)),
                     max_latency_ms: ms(s.latency_us.max()),
@@ -143,21 +125,14 @@ impl Registry {
             role: self.role.to_owned(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             methods,
-            values: inner
-                .values
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), *v))
-                .collect(),
+            values: inner.values.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
         }
     }
 }
 
 #[tonic::async_trait]
 impl MetricsService for Registry {
-    async fn get_metrics(
-        &self,
-        _: Request<pb::GetMetricsRequest>,
-    ) -> Result<Response<pb::MetricsReport>, Status> {
+    async fn get_metrics(&self, _: Request<pb::GetMetricsRequest>) -> Result<Response<pb::MetricsReport>, Status> {
         Ok(Response::new(self.report()))
     }
 }
@@ -178,10 +153,7 @@ impl<S> tower::Layer<S> for MetricsLayer {
     type Service = Metered<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Metered {
-            inner,
-            registry: self.registry.clone(),
-        }
+        Metered { inner, registry: self.registry.clone() }
     }
 }
 
@@ -221,10 +193,7 @@ where
             // the headers; a successful unary one carries it in the trailers,
             // so a missing header means OK.
             let ok = match &response {
-                Ok(r) => r
-                    .headers()
-                    .get("grpc-status")
-                    .is_none_or(|status| status == "0"),
+                Ok(r) => r.headers().get("grpc-status").is_none_or(|status| status == "0"),
                 Err(_) => false,
             };
             registry.record(&method, ok, started.elapsed());

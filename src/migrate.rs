@@ -14,11 +14,8 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const USERS: &[Migration] = &[Migration {
-    version: 1,
-    name: "users_and_outbox",
-    sql: include_str!("migrate/users/0001_users_and_outbox.sql"),
-}];
+pub const USERS: &[Migration] =
+    &[Migration { version: 1, name: "users_and_outbox", sql: include_str!("migrate/users/0001_users_and_outbox.sql") }];
 
 pub const ORDERS: &[Migration] = &[Migration {
     version: 1,
@@ -33,8 +30,7 @@ const MIGRATION_LOCK: i64 = 0x6d73_7973_6d69_6772; // "msysmigr"
 pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize> {
     let mut client = pool.get().await.context("connecting to migrate")?;
     let tx = client.transaction().await?;
-    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
-        .await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version    INTEGER PRIMARY KEY,
@@ -43,30 +39,19 @@ pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize>
          )",
     )
     .await?;
-    let applied: Vec<i32> = tx
-        .query("SELECT version FROM schema_migrations", &[])
-        .await?
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
+    let applied: Vec<i32> =
+        tx.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|row| row.get(0)).collect();
     let mut count = 0;
     for migration in migrations.iter().filter(|m| !applied.contains(&m.version)) {
-        tx.batch_execute(migration.sql).await.with_context(|| {
-            format!(
-                "applying migration {} ({})",
-                migration.version, migration.name
-            )
-        })?;
+        tx.batch_execute(migration.sql)
+            .await
+            .with_context(|| format!("applying migration {} ({})", migration.version, migration.name))?;
         tx.execute(
             "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
             &[&migration.version, &migration.name],
         )
         .await?;
-        tracing::info!(
-            version = migration.version,
-            name = migration.name,
-            "applied migration"
-        );
+        tracing::info!(version = migration.version, name = migration.name, "applied migration");
         count += 1;
     }
     tx.commit().await?;

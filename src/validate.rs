@@ -9,10 +9,7 @@ pub const MAX_PAGE_SIZE: i32 = 1000;
 /// A database id as a client sent it: ids start at 1.
 pub fn parse_id(field: &'static str, id: i64) -> Result<i64, ServiceError> {
     if id <= 0 {
-        return Err(ServiceError::invalid(
-            field,
-            format!("must be a positive id, got {id}"),
-        ));
+        return Err(ServiceError::invalid(field, format!("must be a positive id, got {id}")));
     }
     Ok(id)
 }
@@ -34,9 +31,7 @@ impl Page {
             n => {
                 return Err(ServiceError::invalid(
                     "page_size",
-                    format!(
-                        "must be between 1 and {MAX_PAGE_SIZE} (or 0 for {DEFAULT_PAGE_SIZE}), got {n}"
-                    ),
+                    format!("must be between 1 and {MAX_PAGE_SIZE} (or 0 for {DEFAULT_PAGE_SIZE}), got {n}"),
                 ));
             }
         };
@@ -46,10 +41,7 @@ impl Page {
             match page_token.parse::<i64>() {
                 Ok(id) if id > 0 => Some(id),
                 _ => {
-                    return Err(ServiceError::invalid(
-                        "page_token",
-                        "is not a token this server issued",
-                    ));
+                    return Err(ServiceError::invalid("page_token", "is not a token this server issued"));
                 }
             }
         };
@@ -75,16 +67,10 @@ pub fn text(field: &'static str, raw: &str, max: usize) -> Result<String, Servic
         return Err(ServiceError::invalid(field, "must not be empty"));
     }
     if value.chars().count() > max {
-        return Err(ServiceError::invalid(
-            field,
-            format!("must be at most {max} characters"),
-        ));
+        return Err(ServiceError::invalid(field, format!("must be at most {max} characters")));
     }
     if value.chars().any(char::is_control) {
-        return Err(ServiceError::invalid(
-            field,
-            "must not contain control characters",
-        ));
+        return Err(ServiceError::invalid(field, "must not contain control characters"));
     }
     Ok(value.to_owned())
 }
@@ -95,20 +81,8 @@ mod tests {
 
     #[test]
     fn pages_default_and_reject_out_of_range() -> Result<(), ServiceError> {
-        assert_eq!(
-            Page::parse(0, "")?,
-            Page {
-                size: DEFAULT_PAGE_SIZE,
-                after: None
-            }
-        );
-        assert_eq!(
-            Page::parse(10, "42")?,
-            Page {
-                size: 10,
-                after: Some(42)
-            }
-        );
+        assert_eq!(Page::parse(0, "")?, Page { size: DEFAULT_PAGE_SIZE, after: None });
+        assert_eq!(Page::parse(10, "42")?, Page { size: 10, after: Some(42) });
         assert!(Page::parse(-1, "").is_err());
         assert!(Page::parse(MAX_PAGE_SIZE + 1, "").is_err());
         assert!(Page::parse(10, "abc").is_err());

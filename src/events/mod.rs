@@ -71,10 +71,7 @@ pub enum DecodeError {
 /// Builds the record for `event`.
 pub fn encode(event: &pb::UserEvent) -> EncodedRecord {
     let user_id = event.user.as_ref().map_or(0, |u| u.id);
-    let time = event
-        .occurred_at
-        .and_then(|t| SystemTime::try_from(t).ok())
-        .unwrap_or_else(SystemTime::now);
+    let time = event.occurred_at.and_then(|t| SystemTime::try_from(t).ok()).unwrap_or_else(SystemTime::now);
     let time = humantime::format_rfc3339_micros(time).to_string();
     let headers = [
         ("ce_specversion", SPEC_VERSION),
@@ -85,35 +82,20 @@ pub fn encode(event: &pb::UserEvent) -> EncodedRecord {
         ("content-type", CONTENT_TYPE),
     ]
     .into_iter()
-    .fold(
-        OwnedHeaders::new_with_capacity(6),
-        |headers, (key, value)| {
-            headers.insert(Header {
-                key,
-                value: Some(value),
-            })
-        },
-    );
-    EncodedRecord {
-        key: user_id.to_string(),
-        payload: event.encode_to_vec(),
-        headers,
-    }
+    .fold(OwnedHeaders::new_with_capacity(6), |headers, (key, value)| {
+        headers.insert(Header { key, value: Some(value) })
+    });
+    EncodedRecord { key: user_id.to_string(), payload: event.encode_to_vec(), headers }
 }
 
 /// A header's value as text, if the record has it.
-pub fn header<'a, M: Message>(
-    message: &'a M,
-    name: &'static str,
-) -> Result<Option<&'a str>, DecodeError> {
+pub fn header<'a, M: Message>(message: &'a M, name: &'static str) -> Result<Option<&'a str>, DecodeError> {
     let Some(headers) = message.headers() else {
         return Ok(None);
     };
     match headers.iter().find(|h| h.key == name).and_then(|h| h.value) {
         None => Ok(None),
-        Some(bytes) => std::str::from_utf8(bytes)
-            .map(Some)
-            .map_err(|_| DecodeError::BadHeader(name)),
+        Some(bytes) => std::str::from_utf8(bytes).map(Some).map_err(|_| DecodeError::BadHeader(name)),
     }
 }
 
@@ -129,36 +111,21 @@ pub struct Decoded {
 /// Reads a user event back, checking that headers and value agree.
 pub fn decode<M: Message>(message: &M) -> Result<Decoded, DecodeError> {
     let ce_type = header(message, "ce_type")?.ok_or(DecodeError::MissingHeader("ce_type"))?;
-    let kind =
-        EventType::parse(ce_type).ok_or_else(|| DecodeError::UnknownType(ce_type.to_owned()))?;
+    let kind = EventType::parse(ce_type).ok_or_else(|| DecodeError::UnknownType(ce_type.to_owned()))?;
     let ce_id = header(message, "ce_id")?.ok_or(DecodeError::MissingHeader("ce_id"))?;
     let payload = message.payload().ok_or(DecodeError::NoPayload)?;
     let event = pb::UserEvent::decode(payload)?;
     if event.r#type != ce_type {
-        return Err(DecodeError::Mismatch(format!(
-            "ce_type {ce_type} but value says {}",
-            event.r#type
-        )));
+        return Err(DecodeError::Mismatch(format!("ce_type {ce_type} but value says {}", event.r#type)));
     }
     if event.event_id != ce_id {
-        return Err(DecodeError::Mismatch(format!(
-            "ce_id {ce_id} but value says {}",
-            event.event_id
-        )));
+        return Err(DecodeError::Mismatch(format!("ce_id {ce_id} but value says {}", event.event_id)));
     }
-    let id = uuid::Uuid::parse_str(ce_id)
-        .map_err(|_| DecodeError::Mismatch(format!("ce_id {ce_id:?} is not a UUID")))?;
+    let id =
+        uuid::Uuid::parse_str(ce_id).map_err(|_| DecodeError::Mismatch(format!("ce_id {ce_id:?} is not a UUID")))?;
     let user = event.user.clone().ok_or(DecodeError::NoUser)?;
     if user.id <= 0 {
-        return Err(DecodeError::Mismatch(format!(
-            "user id {} is not positive",
-            user.id
-        )));
+        return Err(DecodeError::Mismatch(format!("user id {} is not positive", user.id)));
     }
-    Ok(Decoded {
-        kind,
-        id,
-        user,
-        event,
-    })
+    Ok(Decoded { kind, id, user, event })
 }

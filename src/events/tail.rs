@@ -38,17 +38,11 @@ pub async fn run(args: TailArgs, shutdown: CancellationToken) -> anyhow::Result<
         .create()
         .context("creating the Kafka consumer")?;
     let mut assignment = TopicPartitionList::new();
-    let start = if args.from_beginning {
-        Offset::Beginning
-    } else {
-        Offset::End
-    };
+    let start = if args.from_beginning { Offset::Beginning } else { Offset::End };
     for (partition, _, _) in &partitions {
         assignment.add_partition_offset(&topic, *partition, start)?;
     }
-    consumer
-        .assign(&assignment)
-        .context("assigning partitions")?;
+    consumer.assign(&assignment).context("assigning partitions")?;
     let mut printed = 0;
     while args.max.is_none_or(|max| printed < max) {
         let message = tokio::select! {
@@ -68,12 +62,7 @@ pub fn to_json(message: &BorrowedMessage<'_>) -> Value {
         .headers()
         .map(|hs| {
             hs.iter()
-                .map(|h| {
-                    (
-                        h.key.to_owned(),
-                        Value::from(h.value.map(|v| String::from_utf8_lossy(v).into_owned())),
-                    )
-                })
+                .map(|h| (h.key.to_owned(), Value::from(h.value.map(|v| String::from_utf8_lossy(v).into_owned()))))
                 .collect()
         })
         .unwrap_or_default();

@@ -43,20 +43,14 @@ ON CONFLICT (user_id) DO UPDATE
    SET name = EXCLUDED.name, email = EXCLUDED.email, version = EXCLUDED.version, applied_at = now()
  WHERE known_users.version < EXCLUDED.version";
 
-const TOMBSTONE: &str =
-    "INSERT INTO deleted_users (user_id, version) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING";
+const TOMBSTONE: &str = "INSERT INTO deleted_users (user_id, version) VALUES ($1, $2) ON CONFLICT (user_id) DO NOTHING";
 
 const CANCEL_OPEN_ORDERS: &str = "
 UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
  WHERE user_id = $1 AND status = 'OPEN'";
 
 pub async fn apply(pool: &Pool, decoded: &Decoded, origin: &Origin) -> Result<Outcome, DbError> {
-    let Decoded {
-        kind,
-        id: event_id,
-        user,
-        event,
-    } = decoded;
+    let Decoded { kind, id: event_id, user, event } = decoded;
     let occurred_at = event.occurred_at.and_then(|t| SystemTime::try_from(t).ok());
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
@@ -81,32 +75,19 @@ pub async fn apply(pool: &Pool, decoded: &Decoded, origin: &Origin) -> Result<Ou
     }
     let changed = match *kind {
         EventType::Created | EventType::Updated => {
-            tx.execute(
-                UPSERT_USER,
-                &[&user.id, &user.name, &user.email, &user.version],
-            )
-            .await?
+            tx.execute(UPSERT_USER, &[&user.id, &user.name, &user.email, &user.version]).await?
         }
         EventType::Deleted => {
             let first = tx.execute(TOMBSTONE, &[&user.id, &user.version]).await?;
-            tx.execute("DELETE FROM known_users WHERE user_id = $1", &[&user.id])
-                .await?;
+            tx.execute("DELETE FROM known_users WHERE user_id = $1", &[&user.id]).await?;
             let reason = format!("user {} was deleted", user.id);
             let cancelled = tx.execute(CANCEL_OPEN_ORDERS, &[&user.id, &reason]).await?;
             if cancelled > 0 {
-                tracing::info!(
-                    user.id = user.id,
-                    orders = cancelled,
-                    "cancelled the open orders of a deleted user"
-                );
+                tracing::info!(user.id = user.id, orders = cancelled, "cancelled the open orders of a deleted user");
             }
             first
         }
     };
     tx.commit().await?;
-    Ok(if changed == 0 {
-        Outcome::Stale
-    } else {
-        Outcome::Applied
-    })
+    Ok(if changed == 0 { Outcome::Stale } else { Outcome::Applied })
 }

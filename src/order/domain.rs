@@ -34,11 +34,7 @@ impl NewOrder {
                 ));
             }
         };
-        Ok(NewOrder {
-            user_id,
-            product,
-            quantity,
-        })
+        Ok(NewOrder { user_id, product, quantity })
     }
 }
 
@@ -64,20 +60,13 @@ mod tests {
     use super::*;
 
     fn request(user_id: i64, product: &str, quantity: i32) -> pb::CreateOrderRequest {
-        pb::CreateOrderRequest {
-            user_id,
-            product: product.into(),
-            quantity,
-        }
+        pb::CreateOrderRequest { user_id, product: product.into(), quantity }
     }
 
     #[test]
     fn quantity_defaults_to_one_and_is_bounded() -> Result<(), ServiceError> {
         assert_eq!(NewOrder::parse(&request(1, "book", 0))?.quantity, 1);
-        assert_eq!(
-            NewOrder::parse(&request(1, "book", MAX_QUANTITY))?.quantity,
-            MAX_QUANTITY
-        );
+        assert_eq!(NewOrder::parse(&request(1, "book", MAX_QUANTITY))?.quantity, MAX_QUANTITY);
         assert!(NewOrder::parse(&request(1, "book", -1)).is_err());
         assert!(NewOrder::parse(&request(1, "book", MAX_QUANTITY + 1)).is_err());
         Ok(())

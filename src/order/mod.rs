@@ -72,14 +72,10 @@ impl OrderRole {
         let postgres = PostgresSettings::from(args.postgres.clone());
         db::wait_for_database(&postgres, args.server.startup_timeout).await?;
         let pool = db::pool(&postgres)?;
-        migrate::run(&pool, migrate::ORDERS)
-            .await
-            .context("migrating the orders database")?;
+        migrate::run(&pool, migrate::ORDERS).await.context("migrating the orders database")?;
         let metrics = Registry::new("order");
-        let settings = ReplicaSettings {
-            group: args.replica.consumer_group.clone(),
-            dlq_topic: args.replica.dlq_topic.clone(),
-        };
+        let settings =
+            ReplicaSettings { group: args.replica.consumer_group.clone(), dlq_topic: args.replica.dlq_topic.clone() };
         let replica = Replica::new(pool.clone(), args.kafka.clone(), settings, metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
         Ok(OrderRole {
@@ -99,14 +95,7 @@ impl OrderRole {
     /// Serves and consumes until `shutdown`; then stops taking RPCs, lets
     /// in-flight ones finish, commits offsets and leaves the group.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let OrderRole {
-            listener,
-            pool,
-            replica,
-            metrics,
-            user_wait,
-            grace,
-        } = self;
+        let OrderRole { listener, pool, replica, metrics, user_wait, grace } = self;
         tracing::info!(addr = %listener.local_addr()?, "order service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -121,12 +110,7 @@ impl OrderRole {
             let pool = pool.clone();
             async move { db::ping(&pool, Duration::from_secs(2)).await }
         };
-        tasks.spawn(grpc::watch_health(
-            reporter.clone(),
-            SERVICE_NAME,
-            background.clone(),
-            probe,
-        ));
+        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));
         let consumer_stop = CancellationToken::new();
         let consumer = tasks.spawn(replica.run(consumer_stop.clone()));
         tasks.close();

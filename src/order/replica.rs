@@ -48,8 +48,7 @@ impl ConsumerContext for ReplicaContext {
         match rebalance {
             Rebalance::Assign(partitions) => {
                 tracing::info!(partitions = partitions.count(), "partitions assigned");
-                self.metrics
-                    .set("partitions_assigned", partitions.count() as i64);
+                self.metrics.set("partitions_assigned", partitions.count() as i64);
             }
             Rebalance::Revoke(_) => {
                 tracing::info!("partitions revoked");
@@ -71,12 +70,7 @@ pub struct Replica {
 }
 
 impl Replica {
-    pub fn new(
-        pool: Pool,
-        kafka: KafkaArgs,
-        settings: ReplicaSettings,
-        metrics: Registry,
-    ) -> anyhow::Result<Self> {
+    pub fn new(pool: Pool, kafka: KafkaArgs, settings: ReplicaSettings, metrics: Registry) -> anyhow::Result<Self> {
         let consumer = kafka::client_config(&kafka, "msys-order-replica")
             .set("group.id", &settings.group)
             .set("enable.auto.offset.store", "false")
@@ -85,20 +79,10 @@ impl Replica {
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
-            .create_with_context(ReplicaContext {
-                metrics: metrics.clone(),
-            })
+            .create_with_context(ReplicaContext { metrics: metrics.clone() })
             .context("creating the Kafka consumer")?;
         let dlq = kafka::producer(&kafka, "msys-order-dlq", Duration::from_secs(30))?;
-        Ok(Replica {
-            pool,
-            kafka,
-            settings,
-            consumer,
-            dlq,
-            applied: Arc::new(Notify::new()),
-            metrics,
-        })
+        Ok(Replica { pool, kafka, settings, consumer, dlq, applied: Arc::new(Notify::new()), metrics })
     }
 
     /// Rung after every applied event: CreateOrder waits on it for a user
@@ -115,8 +99,7 @@ impl Replica {
         let mut delay = Duration::from_millis(200);
         loop {
             let attempt = async {
-                let (partitions, replication) =
-                    (k.user_events_partitions, k.user_events_replication_factor);
+                let (partitions, replication) = (k.user_events_partitions, k.user_events_replication_factor);
                 kafka::ensure_topic(k, &k.user_events_topic, partitions, replication).await?;
                 kafka::ensure_topic(k, &self.settings.dlq_topic, partitions, replication).await
             };
@@ -193,11 +176,8 @@ impl Replica {
     /// Applies or dead-letters one record, retrying until it succeeds.
     /// Returns false if stopped before it did (the offset is not stored).
     async fn handle(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
-        let origin = Origin {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-        };
+        let origin =
+            Origin { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
         let mut delay = Duration::from_millis(100);
         loop {
             let done = match events::decode(message) {
@@ -246,8 +226,7 @@ impl Replica {
             .and_then(|t| std::time::SystemTime::try_from(t).ok())
             .and_then(|t| t.elapsed().ok())
         {
-            self.metrics
-                .set("last_event_lag_ms", lag.as_millis() as i64);
+            self.metrics.set("last_event_lag_ms", lag.as_millis() as i64);
         }
         self.applied.notify_waiters();
     }
@@ -257,26 +236,17 @@ impl Replica {
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
             for header in original.iter() {
-                headers = headers.insert(Header {
-                    key: header.key,
-                    value: header.value,
-                });
+                headers = headers.insert(Header { key: header.key, value: header.value });
             }
         }
-        let (partition, offset) = (
-            message.partition().to_string(),
-            message.offset().to_string(),
-        );
+        let (partition, offset) = (message.partition().to_string(), message.offset().to_string());
         for (key, value) in [
             ("dlq_error", error),
             ("dlq_topic", message.topic()),
             ("dlq_partition", partition.as_str()),
             ("dlq_offset", offset.as_str()),
         ] {
-            headers = headers.insert(Header {
-                key,
-                value: Some(value),
-            });
+            headers = headers.insert(Header { key, value: Some(value) });
         }
         let mut record = FutureRecord::<[u8], [u8]>::to(&self.settings.dlq_topic).headers(headers);
         if let Some(key) = message.key() {

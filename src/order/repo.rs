@@ -32,8 +32,7 @@ UNION ALL
 SELECT id, user_id, product, quantity, status, cancel_reason, created_at, updated_at
   FROM orders WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM c)";
 
-const COLUMNS: &str =
-    "id, user_id, product, quantity, status, cancel_reason, created_at, updated_at";
+const COLUMNS: &str = "id, user_id, product, quantity, status, cancel_reason, created_at, updated_at";
 
 /// What happened to a request to place an order.
 #[derive(Debug)]
@@ -65,48 +64,29 @@ pub async fn place(pool: &Pool, order: &NewOrder) -> Result<Placement, ServiceEr
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(PLACE).await.map_err(DbError::from)?;
     let placed = client
-        .query_opt(
-            &statement,
-            &[&order.user_id, &order.product, &order.quantity],
-        )
+        .query_opt(&statement, &[&order.user_id, &order.product, &order.quantity])
         .await
         .map_err(DbError::from)?;
     if let Some(row) = placed {
         return Ok(Placement::Placed(order_from_row(&row)));
     }
     let deleted = client
-        .query_opt(
-            "SELECT 1 FROM deleted_users WHERE user_id = $1",
-            &[&order.user_id],
-        )
+        .query_opt("SELECT 1 FROM deleted_users WHERE user_id = $1", &[&order.user_id])
         .await
         .map_err(DbError::from)?;
-    Ok(if deleted.is_some() {
-        Placement::DeletedUser
-    } else {
-        Placement::UnknownUser
-    })
+    Ok(if deleted.is_some() { Placement::DeletedUser } else { Placement::UnknownUser })
 }
 
 pub async fn get(pool: &Pool, id: i64) -> Result<pb::Order, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
-    let statement = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1"))
-        .await
-        .map_err(DbError::from)?;
-    let row = client
-        .query_opt(&statement, &[&id])
-        .await
-        .map_err(DbError::from)?;
+    let statement =
+        client.prepare_cached(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).await.map_err(DbError::from)?;
+    let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
     row.map(|r| order_from_row(&r)).ok_or_else(|| not_found(id))
 }
 
 /// One page of a user's orders, newest first.
-pub async fn list(
-    pool: &Pool,
-    user_id: i64,
-    page: Page,
-) -> Result<(Vec<pb::Order>, Option<String>), ServiceError> {
+pub async fn list(pool: &Pool, user_id: i64, page: Page) -> Result<(Vec<pb::Order>, Option<String>), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client
         .prepare_cached(&format!(
@@ -116,10 +96,7 @@ pub async fn list(
         .map_err(DbError::from)?;
     let before = page.after.unwrap_or(i64::MAX);
     let limit = i64::from(page.size) + 1;
-    let rows = client
-        .query(&statement, &[&user_id, &before, &limit])
-        .await
-        .map_err(DbError::from)?;
+    let rows = client.query(&statement, &[&user_id, &before, &limit]).await.map_err(DbError::from)?;
     let mut orders: Vec<pb::Order> = rows.iter().map(order_from_row).collect();
     let next = page.cut(&mut orders, |o| o.id);
     Ok((orders, next))
@@ -128,10 +105,7 @@ pub async fn list(
 pub async fn cancel(pool: &Pool, id: i64, reason: &str) -> Result<pb::Order, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(CANCEL).await.map_err(DbError::from)?;
-    let row = client
-        .query_opt(&statement, &[&id, &reason])
-        .await
-        .map_err(DbError::from)?;
+    let row = client.query_opt(&statement, &[&id, &reason]).await.map_err(DbError::from)?;
     row.map(|r| order_from_row(&r)).ok_or_else(|| not_found(id))
 }
 

@@ -28,11 +28,7 @@ pub struct OrderApi {
 
 impl OrderApi {
     pub fn new(pool: Pool, applied: Arc<Notify>, user_wait: Duration) -> Self {
-        OrderApi {
-            pool,
-            applied,
-            user_wait,
-        }
+        OrderApi { pool, applied, user_wait }
     }
 
     /// Places the order, giving a user created a moment ago up to
@@ -51,16 +47,10 @@ impl OrderApi {
             match repo::place(&self.pool, order).await? {
                 Placement::Placed(placed) => return Ok(placed),
                 Placement::DeletedUser => {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "user {} was deleted",
-                        order.user_id
-                    )));
+                    return Err(ServiceError::FailedPrecondition(format!("user {} was deleted", order.user_id)));
                 }
                 Placement::UnknownUser if Instant::now() >= deadline => {
-                    return Err(ServiceError::FailedPrecondition(format!(
-                        "user {} does not exist",
-                        order.user_id
-                    )));
+                    return Err(ServiceError::FailedPrecondition(format!("user {} does not exist", order.user_id)));
                 }
                 Placement::UnknownUser => {
                     let wake = (Instant::now() + RECHECK).min(deadline);
@@ -77,10 +67,7 @@ impl OrderApi {
 #[tonic::async_trait]
 impl OrderService for OrderApi {
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().user_id))]
-    async fn create_order(
-        &self,
-        request: Request<pb::CreateOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
+    async fn create_order(&self, request: Request<pb::CreateOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let order = NewOrder::parse(request.get_ref())?;
         let placed = self.place(&order).await?;
         tracing::info!(order.id = placed.id, "placed order");
@@ -88,10 +75,7 @@ impl OrderService for OrderApi {
     }
 
     #[tracing::instrument(skip_all, fields(order.id = request.get_ref().id))]
-    async fn get_order(
-        &self,
-        request: Request<pb::GetOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
+    async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
         Ok(Response::new(repo::get(&self.pool, id).await?))
     }
@@ -105,17 +89,11 @@ impl OrderService for OrderApi {
         let user_id = parse_id("user_id", request.user_id)?;
         let page = Page::parse(request.page_size, &request.page_token)?;
         let (orders, next) = repo::list(&self.pool, user_id, page).await?;
-        Ok(Response::new(pb::ListOrdersResponse {
-            orders,
-            next_page_token: next.unwrap_or_default(),
-        }))
+        Ok(Response::new(pb::ListOrdersResponse { orders, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(skip_all, fields(order.id = request.get_ref().id))]
-    async fn cancel_order(
-        &self,
-        request: Request<pb::CancelOrderRequest>,
-    ) -> Result<Response<pb::Order>, Status> {
+    async fn cancel_order(&self, request: Request<pb::CancelOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let request = request.get_ref();
         let id = parse_id("id", request.id)?;
         let reason = cancel_reason(&request.reason)?;

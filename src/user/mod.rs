@@ -80,24 +80,11 @@ impl UserRole {
         let postgres = PostgresSettings::from(args.postgres.clone());
         db::wait_for_database(&postgres, args.server.startup_timeout).await?;
         let pool = db::pool(&postgres)?;
-        migrate::run(&pool, migrate::USERS)
-            .await
-            .context("migrating the users database")?;
+        migrate::run(&pool, migrate::USERS).await.context("migrating the users database")?;
         let metrics = Registry::new("user");
-        let relay = Relay::new(
-            pool.clone(),
-            args.kafka.clone(),
-            (&args.relay).into(),
-            metrics.clone(),
-        )?;
+        let relay = Relay::new(pool.clone(), args.kafka.clone(), (&args.relay).into(), metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
-        Ok(UserRole {
-            listener,
-            pool,
-            relay,
-            metrics,
-            grace: args.server.shutdown_grace,
-        })
+        Ok(UserRole { listener, pool, relay, metrics, grace: args.server.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -107,13 +94,7 @@ impl UserRole {
     /// Serves and relays until `shutdown`; then drains RPCs, stops the relay
     /// and flushes the producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let UserRole {
-            listener,
-            pool,
-            relay,
-            metrics,
-            grace,
-        } = self;
+        let UserRole { listener, pool, relay, metrics, grace } = self;
         tracing::info!(addr = %listener.local_addr()?, "user service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -138,12 +119,7 @@ impl UserRole {
                 pending.is_some()
             }
         };
-        tasks.spawn(grpc::watch_health(
-            reporter.clone(),
-            SERVICE_NAME,
-            background.clone(),
-            probe,
-        ));
+        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));
         tasks.close();
 
         let served = grpc::serve(listener, routes, metrics, shutdown.clone(), grace).await;
@@ -163,19 +139,10 @@ impl UserRole {
 async fn outbox_backlog(pool: &Pool) -> Option<i64> {
     let probe = async {
         let client = pool.get().await.ok()?;
-        let row = client
-            .query_one(
-                "SELECT count(*) FROM user_outbox WHERE published_at IS NULL",
-                &[],
-            )
-            .await
-            .ok()?;
+        let row = client.query_one("SELECT count(*) FROM user_outbox WHERE published_at IS NULL", &[]).await.ok()?;
         row.try_get::<_, i64>(0).ok()
     };
-    tokio::time::timeout(Duration::from_secs(2), probe)
-        .await
-        .ok()
-        .flatten()
+    tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten()
 }
 
 /// Runs the user role until `shutdown`.

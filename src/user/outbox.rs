@@ -79,21 +79,9 @@ struct Pending {
 }
 
 impl Relay {
-    pub fn new(
-        pool: Pool,
-        kafka: KafkaArgs,
-        settings: RelaySettings,
-        metrics: Registry,
-    ) -> anyhow::Result<Self> {
+    pub fn new(pool: Pool, kafka: KafkaArgs, settings: RelaySettings, metrics: Registry) -> anyhow::Result<Self> {
         let producer = kafka::producer(&kafka, "msys-user-relay", settings.message_timeout)?;
-        Ok(Relay {
-            pool,
-            kafka,
-            producer,
-            settings,
-            wake: Arc::new(Notify::new()),
-            metrics,
-        })
+        Ok(Relay { pool, kafka, producer, settings, wake: Arc::new(Notify::new()), metrics })
     }
 
     /// Handed to the RPC handlers: they ring it after each committed change.
@@ -103,16 +91,9 @@ impl Relay {
 
     /// Publishes at most one batch.
     pub async fn relay_once(&mut self) -> anyhow::Result<RelayOutcome> {
-        let mut client = self
-            .pool
-            .get()
-            .await
-            .context("connecting to the users database")?;
+        let mut client = self.pool.get().await.context("connecting to the users database")?;
         let tx = client.transaction().await?;
-        let leader: bool = tx
-            .query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK])
-            .await?
-            .get(0);
+        let leader: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?.get(0);
         if !leader {
             return Ok(RelayOutcome::NotLeader);
         }
@@ -123,23 +104,12 @@ impl Relay {
         let pending: Vec<Pending> = rows.iter().map(pending_from_row).collect();
         let delivered = self.send_in_order(&pending).await;
         let published: Vec<i64> = delivered.iter().map(|p| p.id).collect();
-        tx.execute(
-            "UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)",
-            &[&published],
-        )
-        .await?;
-        tx.commit()
-            .await
-            .context("stamping published outbox rows")?;
+        tx.execute("UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)", &[&published]).await?;
+        tx.commit().await.context("stamping published outbox rows")?;
         let failed = pending.len() - published.len();
-        self.metrics
-            .add("events_published_total", published.len() as i64);
-        self.metrics
-            .add("events_publish_failures_total", failed as i64);
-        Ok(RelayOutcome::Published {
-            published: published.len(),
-            failed,
-        })
+        self.metrics.add("events_published_total", published.len() as i64);
+        self.metrics.add("events_publish_failures_total", failed as i64);
+        Ok(RelayOutcome::Published { published: published.len(), failed })
     }
 
     /// Enqueues every record in id order, then awaits the acknowledgements.
@@ -147,8 +117,7 @@ impl Relay {
     /// undelivered row of the same user, so a retry can never put a user's
     /// older event after a newer one that was already stamped.
     async fn send_in_order<'a>(&mut self, pending: &'a [Pending]) -> Vec<&'a Pending> {
-        let encoded: Vec<events::EncodedRecord> =
-            pending.iter().map(|p| events::encode(&p.event)).collect();
+        let encoded: Vec<events::EncodedRecord> = pending.iter().map(|p| events::encode(&p.event)).collect();
         let mut deliveries = Vec::with_capacity(pending.len());
         for record in &encoded {
             let future_record = FutureRecord::to(&self.kafka.user_events_topic)
@@ -168,10 +137,7 @@ impl Relay {
         let results = futures::future::join_all(deliveries).await;
         let mut blocked_users = HashSet::new();
         let mut publishable = Vec::with_capacity(results.len());
-        for (row, result) in pending
-            .iter()
-            .zip(results.iter().map(Some).chain(std::iter::repeat(None)))
-        {
+        for (row, result) in pending.iter().zip(results.iter().map(Some).chain(std::iter::repeat(None))) {
             let ok = match result {
                 Some(Ok(Ok(_))) => true,
                 Some(Ok(Err((error, _)))) => {
@@ -194,16 +160,8 @@ impl Relay {
         // An idempotent producer can enter a fatal state (e.g. fenced after
         // a sequence gap); it accepts nothing more, so replace it.
         if let Some((code, reason)) = self.producer.client().fatal_error() {
-            tracing::error!(
-                ?code,
-                reason,
-                "Kafka producer failed fatally; creating a new one"
-            );
-            match kafka::producer(
-                &self.kafka,
-                "msys-user-relay",
-                self.settings.message_timeout,
-            ) {
+            tracing::error!(?code, reason, "Kafka producer failed fatally; creating a new one");
+            match kafka::producer(&self.kafka, "msys-user-relay", self.settings.message_timeout) {
                 Ok(producer) => self.producer = producer,
                 Err(error) => {
                     tracing::error!(error = %format!("{error:#}"), "could not recreate the producer")
@@ -217,10 +175,7 @@ impl Relay {
         let client = self.pool.get().await?;
         let cutoff = std::time::SystemTime::now() - self.settings.retention;
         Ok(client
-            .execute(
-                "DELETE FROM user_outbox WHERE published_at IS NOT NULL AND published_at < $1",
-                &[&cutoff],
-            )
+            .execute("DELETE FROM user_outbox WHERE published_at IS NOT NULL AND published_at < $1", &[&cutoff])
             .await?)
     }
 
@@ -262,10 +217,9 @@ impl Relay {
         let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let wait = match self.relay_once().await {
-                Ok(RelayOutcome::Published {
-                    published,
-                    failed: 0,
-                }) if published as i64 >= self.settings.batch_size => {
+                Ok(RelayOutcome::Published { published, failed: 0 })
+                    if published as i64 >= self.settings.batch_size =>
+                {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
@@ -297,12 +251,9 @@ impl Relay {
             }
         }
         let producer = self.producer.clone();
-        let flushed =
-            tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(Duration::from_secs(5))).await;
         if !matches!(flushed, Ok(Ok(()))) {
-            tracing::warn!(
-                "producer did not flush within 5 s; unstamped rows will be sent on next start"
-            );
+            tracing::warn!("producer did not flush within 5 s; unstamped rows will be sent on next start");
         }
     }
 }

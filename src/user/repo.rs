@@ -78,14 +78,7 @@ pub async fn create(pool: &Pool, name: &UserName, email: &Email) -> Result<pb::U
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
     let row = client
-        .query_one(
-            &statement,
-            &[
-                &name.as_str(),
-                &email.as_str(),
-                &EventType::Created.as_str(),
-            ],
-        )
+        .query_one(&statement, &[&name.as_str(), &email.as_str(), &EventType::Created.as_str()])
         .await
         .map_err(|e| write_error(e, Some(email)))?;
     Ok(user_from_row(&row))
@@ -93,36 +86,23 @@ pub async fn create(pool: &Pool, name: &UserName, email: &Email) -> Result<pb::U
 
 pub async fn get(pool: &Pool, id: i64) -> Result<pb::User, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
-    let statement = client
-        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = $1"))
-        .await
-        .map_err(DbError::from)?;
-    let row = client
-        .query_opt(&statement, &[&id])
-        .await
-        .map_err(DbError::from)?;
+    let statement =
+        client.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = $1")).await.map_err(DbError::from)?;
+    let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
     row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
 }
 
 /// One page of users by ascending id, and the token of the next page if any.
-pub async fn list(
-    pool: &Pool,
-    page: Page,
-) -> Result<(Vec<pb::User>, Option<String>), ServiceError> {
+pub async fn list(pool: &Pool, page: Page) -> Result<(Vec<pb::User>, Option<String>), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client
-        .prepare_cached(&format!(
-            "SELECT {COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"
-        ))
+        .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"))
         .await
         .map_err(DbError::from)?;
     // One row more than asked tells whether another page exists.
     let limit = i64::from(page.size) + 1;
     let after = page.after.unwrap_or(0);
-    let rows = client
-        .query(&statement, &[&after, &limit])
-        .await
-        .map_err(DbError::from)?;
+    let rows = client.query(&statement, &[&after, &limit]).await.map_err(DbError::from)?;
     let mut users: Vec<pb::User> = rows.iter().map(user_from_row).collect();
     let next = page.cut(&mut users, |u| u.id);
     Ok((users, next))
@@ -134,10 +114,7 @@ pub async fn update(pool: &Pool, id: i64, changes: &UserChanges) -> Result<pb::U
     let name = changes.name.as_ref().map(UserName::as_str);
     let email = changes.email.as_ref().map(Email::as_str);
     let row = client
-        .query_opt(
-            &statement,
-            &[&id, &name, &email, &EventType::Updated.as_str()],
-        )
+        .query_opt(&statement, &[&id, &name, &email, &EventType::Updated.as_str()])
         .await
         .map_err(|e| write_error(e, changes.email.as_ref()))?;
     row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
@@ -146,10 +123,7 @@ pub async fn update(pool: &Pool, id: i64, changes: &UserChanges) -> Result<pb::U
 pub async fn delete(pool: &Pool, id: i64) -> Result<(), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(DELETE).await.map_err(DbError::from)?;
-    let row = client
-        .query_opt(&statement, &[&id, &EventType::Deleted.as_str()])
-        .await
-        .map_err(DbError::from)?;
+    let row = client.query_opt(&statement, &[&id, &EventType::Deleted.as_str()]).await.map_err(DbError::from)?;
     row.map(|_| ()).ok_or_else(|| not_found(id))
 }
 

@@ -30,10 +30,7 @@ impl UserApi {
 #[tonic::async_trait]
 impl UserService for UserApi {
     #[tracing::instrument(skip_all)]
-    async fn create_user(
-        &self,
-        request: Request<pb::CreateUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
+    async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Result<Response<pb::User>, Status> {
         let request = request.into_inner();
         let name = UserName::parse(&request.name)?;
         let email = Email::parse(&request.email)?;
@@ -44,10 +41,7 @@ impl UserService for UserApi {
     }
 
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().id))]
-    async fn get_user(
-        &self,
-        request: Request<pb::GetUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
+    async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
         Ok(Response::new(repo::get(&self.pool, id).await?))
     }
@@ -60,17 +54,11 @@ impl UserService for UserApi {
         let request = request.get_ref();
         let page = Page::parse(request.page_size, &request.page_token)?;
         let (users, next) = repo::list(&self.pool, page).await?;
-        Ok(Response::new(pb::ListUsersResponse {
-            users,
-            next_page_token: next.unwrap_or_default(),
-        }))
+        Ok(Response::new(pb::ListUsersResponse { users, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().id))]
-    async fn update_user(
-        &self,
-        request: Request<pb::UpdateUserRequest>,
-    ) -> Result<Response<pb::User>, Status> {
+    async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Result<Response<pb::User>, Status> {
         let request = request.into_inner();
         let id = parse_id("id", request.id)?;
         let changes = UserChanges::parse(request.name.as_deref(), request.email.as_deref())?;

@@ -8,25 +8,13 @@ use tonic::Code;
 use crate::support::{Flow, TestResult, eventually};
 
 fn order(user_id: i64, product: &str, quantity: i32) -> pb::CreateOrderRequest {
-    pb::CreateOrderRequest {
-        user_id,
-        product: product.into(),
-        quantity,
-    }
+    pb::CreateOrderRequest { user_id, product: product.into(), quantity }
 }
 
-fn expect_status<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-    code: Code,
-    mentions: &str,
-) {
+fn expect_status<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, code: Code, mentions: &str) {
     let status = result.expect_err("the request must fail");
     assert_eq!(status.code(), code, "{status:?}");
-    assert!(
-        status.message().contains(mentions),
-        "{:?} should mention {mentions:?}",
-        status.message()
-    );
+    assert!(status.message().contains(mentions), "{:?} should mention {mentions:?}", status.message());
 }
 
 #[tokio::test]
@@ -34,11 +22,7 @@ async fn an_order_for_a_just_created_user_succeeds_and_for_a_stranger_fails() ->
     let mut flow = Flow::start().await;
     let ada = flow.create_user("Ada", "ada@example.org").await;
     // No waiting here: CreateOrder itself gives the event time to arrive.
-    let placed = flow
-        .orders
-        .create_order(order(ada.id, "notebook", 0))
-        .await?
-        .into_inner();
+    let placed = flow.orders.create_order(order(ada.id, "notebook", 0)).await?.into_inner();
     assert_eq!(placed.user_id, ada.id);
     assert_eq!(placed.quantity, 1, "quantity 0 means 1");
     assert_eq!(placed.status(), OrderStatus::Open);
@@ -57,69 +41,22 @@ async fn order_requests_are_validated_and_listed_newest_first() -> TestResult {
     let mut flow = Flow::start().await;
     let ada = flow.create_user("Ada", "ada@example.org").await;
     let o = &mut flow.orders;
-    expect_status(
-        o.create_order(order(ada.id, "", 1)).await,
-        Code::InvalidArgument,
-        "product",
-    );
-    expect_status(
-        o.create_order(order(ada.id, &"p".repeat(201), 1)).await,
-        Code::InvalidArgument,
-        "product",
-    );
-    expect_status(
-        o.create_order(order(ada.id, "pen", -1)).await,
-        Code::InvalidArgument,
-        "quantity",
-    );
-    expect_status(
-        o.create_order(order(ada.id, "pen", 10_001)).await,
-        Code::InvalidArgument,
-        "quantity",
-    );
-    expect_status(
-        o.create_order(order(0, "pen", 1)).await,
-        Code::InvalidArgument,
-        "user_id",
-    );
-    expect_status(
-        o.get_order(pb::GetOrderRequest { id: 0 }).await,
-        Code::InvalidArgument,
-        "id",
-    );
-    expect_status(
-        o.get_order(pb::GetOrderRequest { id: 777777 }).await,
-        Code::NotFound,
-        "order 777777 does not exist",
-    );
-    let list = |user_id, page_size, token: &str| pb::ListOrdersRequest {
-        user_id,
-        page_size,
-        page_token: token.into(),
-    };
-    expect_status(
-        o.list_orders(list(0, 10, "")).await,
-        Code::InvalidArgument,
-        "user_id",
-    );
-    expect_status(
-        o.list_orders(list(ada.id, 5000, "")).await,
-        Code::InvalidArgument,
-        "page_size",
-    );
+    expect_status(o.create_order(order(ada.id, "", 1)).await, Code::InvalidArgument, "product");
+    expect_status(o.create_order(order(ada.id, &"p".repeat(201), 1)).await, Code::InvalidArgument, "product");
+    expect_status(o.create_order(order(ada.id, "pen", -1)).await, Code::InvalidArgument, "quantity");
+    expect_status(o.create_order(order(ada.id, "pen", 10_001)).await, Code::InvalidArgument, "quantity");
+    expect_status(o.create_order(order(0, "pen", 1)).await, Code::InvalidArgument, "user_id");
+    expect_status(o.get_order(pb::GetOrderRequest { id: 0 }).await, Code::InvalidArgument, "id");
+    expect_status(o.get_order(pb::GetOrderRequest { id: 777777 }).await, Code::NotFound, "order 777777 does not exist");
+    let list = |user_id, page_size, token: &str| pb::ListOrdersRequest { user_id, page_size, page_token: token.into() };
+    expect_status(o.list_orders(list(0, 10, "")).await, Code::InvalidArgument, "user_id");
+    expect_status(o.list_orders(list(ada.id, 5000, "")).await, Code::InvalidArgument, "page_size");
 
     let mut placed = Vec::new();
     for (i, quantity) in [1, 10_000, 3, 4, 5].into_iter().enumerate() {
-        placed.push(
-            o.create_order(order(ada.id, &format!("item {i}"), quantity))
-                .await?
-                .into_inner(),
-        );
+        placed.push(o.create_order(order(ada.id, &format!("item {i}"), quantity)).await?.into_inner());
     }
-    let fetched = o
-        .get_order(pb::GetOrderRequest { id: placed[1].id })
-        .await?
-        .into_inner();
+    let fetched = o.get_order(pb::GetOrderRequest { id: placed[1].id }).await?.into_inner();
     assert_eq!(fetched, placed[1]);
     assert_eq!(fetched.quantity, 10_000);
 
@@ -143,41 +80,15 @@ async fn order_requests_are_validated_and_listed_newest_first() -> TestResult {
 async fn cancelling_is_idempotent_and_unknown_orders_are_not_found() -> TestResult {
     let mut flow = Flow::start().await;
     let ada = flow.create_user("Ada", "ada@example.org").await;
-    let placed = flow
-        .orders
-        .create_order(order(ada.id, "lamp", 2))
-        .await?
-        .into_inner();
-    let cancel = |id, reason: &str| pb::CancelOrderRequest {
-        id,
-        reason: reason.into(),
-    };
-    let cancelled = flow
-        .orders
-        .cancel_order(cancel(placed.id, "changed my mind"))
-        .await?
-        .into_inner();
+    let placed = flow.orders.create_order(order(ada.id, "lamp", 2)).await?.into_inner();
+    let cancel = |id, reason: &str| pb::CancelOrderRequest { id, reason: reason.into() };
+    let cancelled = flow.orders.cancel_order(cancel(placed.id, "changed my mind")).await?.into_inner();
     assert_eq!(cancelled.status(), OrderStatus::Cancelled);
     assert_eq!(cancelled.cancel_reason, "changed my mind");
-    let again = flow
-        .orders
-        .cancel_order(cancel(placed.id, "another reason"))
-        .await?
-        .into_inner();
-    assert_eq!(
-        again, cancelled,
-        "cancelling a cancelled order returns it unchanged"
-    );
-    expect_status(
-        flow.orders.cancel_order(cancel(424242, "")).await,
-        Code::NotFound,
-        "order 424242 does not exist",
-    );
-    expect_status(
-        flow.orders.cancel_order(cancel(-3, "")).await,
-        Code::InvalidArgument,
-        "id",
-    );
+    let again = flow.orders.cancel_order(cancel(placed.id, "another reason")).await?.into_inner();
+    assert_eq!(again, cancelled, "cancelling a cancelled order returns it unchanged");
+    expect_status(flow.orders.cancel_order(cancel(424242, "")).await, Code::NotFound, "order 424242 does not exist");
+    expect_status(flow.orders.cancel_order(cancel(-3, "")).await, Code::InvalidArgument, "id");
     flow.stop().await;
     Ok(())
 }
@@ -187,76 +98,27 @@ async fn deleting_a_user_cancels_open_orders_and_refuses_new_ones() -> TestResul
     let mut flow = Flow::start().await;
     let ada = flow.create_user("Ada", "ada@example.org").await;
     let bob = flow.create_user("Bob", "bob@example.org").await;
-    let open = flow
-        .orders
-        .create_order(order(ada.id, "chair", 1))
-        .await?
-        .into_inner();
-    let kept = flow
-        .orders
-        .create_order(order(ada.id, "desk", 1))
-        .await?
-        .into_inner();
-    let bobs = flow
-        .orders
-        .create_order(order(bob.id, "desk", 1))
-        .await?
-        .into_inner();
-    flow.orders
-        .cancel_order(pb::CancelOrderRequest {
-            id: kept.id,
-            reason: "too big".into(),
-        })
-        .await?;
+    let open = flow.orders.create_order(order(ada.id, "chair", 1)).await?.into_inner();
+    let kept = flow.orders.create_order(order(ada.id, "desk", 1)).await?.into_inner();
+    let bobs = flow.orders.create_order(order(bob.id, "desk", 1)).await?.into_inner();
+    flow.orders.cancel_order(pb::CancelOrderRequest { id: kept.id, reason: "too big".into() }).await?;
 
-    flow.users
-        .delete_user(pb::DeleteUserRequest { id: ada.id })
-        .await?;
+    flow.users.delete_user(pb::DeleteUserRequest { id: ada.id }).await?;
     let orders = flow.orders.clone();
-    let cancelled = eventually(
-        Duration::from_secs(20),
-        "Ada's open order is cancelled",
-        || {
-            let mut orders = orders.clone();
-            async move {
-                let o = orders
-                    .get_order(pb::GetOrderRequest { id: open.id })
-                    .await
-                    .ok()?
-                    .into_inner();
-                (o.status() == OrderStatus::Cancelled).then_some(o)
-            }
-        },
-    )
+    let cancelled = eventually(Duration::from_secs(20), "Ada's open order is cancelled", || {
+        let mut orders = orders.clone();
+        async move {
+            let o = orders.get_order(pb::GetOrderRequest { id: open.id }).await.ok()?.into_inner();
+            (o.status() == OrderStatus::Cancelled).then_some(o)
+        }
+    })
     .await;
-    assert_eq!(
-        cancelled.cancel_reason,
-        format!("user {} was deleted", ada.id)
-    );
-    let kept_now = flow
-        .orders
-        .get_order(pb::GetOrderRequest { id: kept.id })
-        .await?
-        .into_inner();
-    assert_eq!(
-        kept_now.cancel_reason, "too big",
-        "an order cancelled before keeps its reason"
-    );
-    let bobs_now = flow
-        .orders
-        .get_order(pb::GetOrderRequest { id: bobs.id })
-        .await?
-        .into_inner();
-    assert_eq!(
-        bobs_now.status(),
-        OrderStatus::Open,
-        "other users' orders are untouched"
-    );
-    expect_status(
-        flow.orders.create_order(order(ada.id, "chair", 1)).await,
-        Code::FailedPrecondition,
-        "was deleted",
-    );
+    assert_eq!(cancelled.cancel_reason, format!("user {} was deleted", ada.id));
+    let kept_now = flow.orders.get_order(pb::GetOrderRequest { id: kept.id }).await?.into_inner();
+    assert_eq!(kept_now.cancel_reason, "too big", "an order cancelled before keeps its reason");
+    let bobs_now = flow.orders.get_order(pb::GetOrderRequest { id: bobs.id }).await?.into_inner();
+    assert_eq!(bobs_now.status(), OrderStatus::Open, "other users' orders are untouched");
+    expect_status(flow.orders.create_order(order(ada.id, "chair", 1)).await, Code::FailedPrecondition, "was deleted");
     flow.stop().await;
     Ok(())
 }
@@ -264,9 +126,7 @@ async fn deleting_a_user_cancels_open_orders_and_refuses_new_ones() -> TestResul
 #[tokio::test]
 async fn msys_all_runs_both_roles_in_one_process() -> TestResult {
     use clap::Parser;
-    use msys::pb::{
-        order_service_client::OrderServiceClient, user_service_client::UserServiceClient,
-    };
+    use msys::pb::{order_service_client::OrderServiceClient, user_service_client::UserServiceClient};
 
     use crate::support::*;
     init_logging();
@@ -291,60 +151,28 @@ async fn msys_all_runs_both_roles_in_one_process() -> TestResult {
     ])?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let process = tokio::spawn(msys::cli::run(cli.command, shutdown.clone()));
-    let mut users = eventually(
-        Duration::from_secs(30),
-        "the user role listens",
-        || async move {
-            UserServiceClient::connect(format!("http://127.0.0.1:{user_port}"))
-                .await
-                .ok()
-        },
-    )
+    let mut users = eventually(Duration::from_secs(30), "the user role listens", || async move {
+        UserServiceClient::connect(format!("http://127.0.0.1:{user_port}")).await.ok()
+    })
     .await;
-    let mut orders = eventually(
-        Duration::from_secs(30),
-        "the order role listens",
-        || async move {
-            OrderServiceClient::connect(format!("http://127.0.0.1:{order_port}"))
-                .await
-                .ok()
-        },
-    )
+    let mut orders = eventually(Duration::from_secs(30), "the order role listens", || async move {
+        OrderServiceClient::connect(format!("http://127.0.0.1:{order_port}")).await.ok()
+    })
     .await;
-    let mut metrics = pb::metrics_service_client::MetricsServiceClient::connect(format!(
-        "http://127.0.0.1:{order_port}"
-    ))
-    .await?;
-    eventually(
-        Duration::from_secs(30),
-        "the order role's consumer holds the partitions",
-        || {
-            let mut metrics = metrics.clone();
-            async move {
-                let report = metrics
-                    .get_metrics(pb::GetMetricsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                (report.values.get("partitions_assigned") == Some(&3)).then_some(())
-            }
-        },
-    )
+    let mut metrics =
+        pb::metrics_service_client::MetricsServiceClient::connect(format!("http://127.0.0.1:{order_port}")).await?;
+    eventually(Duration::from_secs(30), "the order role's consumer holds the partitions", || {
+        let mut metrics = metrics.clone();
+        async move {
+            let report = metrics.get_metrics(pb::GetMetricsRequest {}).await.ok()?.into_inner();
+            (report.values.get("partitions_assigned") == Some(&3)).then_some(())
+        }
+    })
     .await;
-    let report = metrics
-        .get_metrics(pb::GetMetricsRequest {})
-        .await?
-        .into_inner();
+    let report = metrics.get_metrics(pb::GetMetricsRequest {}).await?.into_inner();
     assert_eq!(report.role, "order");
-    let ada = users
-        .create_user(pb::CreateUserRequest {
-            name: "Ada".into(),
-            email: "ada@example.org".into(),
-        })
-        .await?;
-    orders
-        .create_order(order(ada.into_inner().id, "book", 1))
-        .await?;
+    let ada = users.create_user(pb::CreateUserRequest { name: "Ada".into(), email: "ada@example.org".into() }).await?;
+    orders.create_order(order(ada.into_inner().id, "book", 1)).await?;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), process).await???;
     Ok(())

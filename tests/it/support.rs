@@ -17,8 +17,8 @@ use msys::{
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
     order::{OrderArgs, OrderRole, ReplicaArgs},
     pb::{
-        self, metrics_service_client::MetricsServiceClient,
-        order_service_client::OrderServiceClient, user_service_client::UserServiceClient,
+        self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
+        user_service_client::UserServiceClient,
     },
     user::{RelayArgs, UserArgs, UserRole},
 };
@@ -35,8 +35,7 @@ pub type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
 
 /// A variable `scripts/test.sh` exports; a clear message if it is missing.
 pub fn env(name: &str) -> String {
-    std::env::var(name)
-        .unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
+    std::env::var(name).unwrap_or_else(|_| panic!("{name} is not set: run the tests with scripts/test.sh"))
 }
 
 pub fn init_logging() {
@@ -63,9 +62,7 @@ pub fn fresh_database(port: u16) -> PostgresSettings {
 }
 
 pub fn users_port() -> u16 {
-    env("MSYS_TEST_USER_PG_PORT")
-        .parse()
-        .expect("MSYS_TEST_USER_PG_PORT is a port")
+    env("MSYS_TEST_USER_PG_PORT").parse().expect("MSYS_TEST_USER_PG_PORT is a port")
 }
 
 pub fn shared_broker() -> String {
@@ -97,9 +94,7 @@ pub fn user_pg_args(db: &PostgresSettings) -> UserPostgresArgs {
 }
 
 pub fn orders_port() -> u16 {
-    env("MSYS_TEST_ORDER_PG_PORT")
-        .parse()
-        .expect("MSYS_TEST_ORDER_PG_PORT is a port")
+    env("MSYS_TEST_ORDER_PG_PORT").parse().expect("MSYS_TEST_ORDER_PG_PORT is a port")
 }
 
 pub fn server_args() -> ServerArgs {
@@ -136,11 +131,7 @@ pub async fn start_order(args: OrderArgs) -> RunningRole {
     let addr = role.local_addr().expect("bound");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
-    RunningRole {
-        addr,
-        shutdown,
-        task,
-    }
+    RunningRole { addr, shutdown, task }
 }
 
 pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
@@ -195,11 +186,7 @@ pub async fn start_user(args: UserArgs) -> RunningRole {
     let addr = role.local_addr().expect("bound");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
-    RunningRole {
-        addr,
-        shutdown,
-        task,
-    }
+    RunningRole { addr, shutdown, task }
 }
 
 /// The user role on its own database and topic, against the shared servers.
@@ -217,20 +204,12 @@ impl UserSystem {
         let kafka = kafka_args(&shared_broker(), &unique("user-events"));
         let role = start_user(user_args(&db, &kafka)).await;
         let client = UserServiceClient::new(role.channel().await);
-        UserSystem {
-            db,
-            kafka,
-            role,
-            client,
-        }
+        UserSystem { db, kafka, role, client }
     }
 
     pub async fn create(&mut self, name: &str, email: &str) -> pb::User {
         self.client
-            .create_user(pb::CreateUserRequest {
-                name: name.into(),
-                email: email.into(),
-            })
+            .create_user(pb::CreateUserRequest { name: name.into(), email: email.into() })
             .await
             .expect("create user")
             .into_inner()
@@ -261,20 +240,10 @@ pub async fn sql(db: &PostgresSettings) -> tokio_postgres::Client {
 
 pub async fn wait_for_outbox_drain(db: &PostgresSettings) {
     let client = sql(db).await;
-    eventually(
-        Duration::from_secs(30),
-        "the outbox is fully published",
-        || async {
-            let row = client
-                .query_one(
-                    "SELECT count(*) FROM user_outbox WHERE published_at IS NULL",
-                    &[],
-                )
-                .await
-                .ok()?;
-            (row.get::<_, i64>(0) == 0).then_some(())
-        },
-    )
+    eventually(Duration::from_secs(30), "the outbox is fully published", || async {
+        let row = client.query_one("SELECT count(*) FROM user_outbox WHERE published_at IS NULL", &[]).await.ok()?;
+        (row.get::<_, i64>(0) == 0).then_some(())
+    })
     .await;
 }
 
@@ -290,10 +259,7 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting until {what}"
-        );
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting until {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -302,9 +268,7 @@ where
 /// partition at the time of the call.
 pub async fn read_all(kafka: &KafkaArgs) -> Vec<OwnedMessage> {
     let topic = &kafka.user_events_topic;
-    let marks = msys::kafka::watermarks(kafka, topic, Duration::from_secs(10))
-        .await
-        .expect("watermarks");
+    let marks = msys::kafka::watermarks(kafka, topic, Duration::from_secs(10)).await.expect("watermarks");
     let expected: i64 = marks.iter().map(|(_, low, high)| high - low).sum();
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", kafka.bootstrap_servers())
@@ -314,21 +278,14 @@ pub async fn read_all(kafka: &KafkaArgs) -> Vec<OwnedMessage> {
         .expect("consumer");
     let mut assignment = TopicPartitionList::new();
     for (partition, _, _) in &marks {
-        assignment
-            .add_partition_offset(topic, *partition, Offset::Beginning)
-            .expect("partition");
+        assignment.add_partition_offset(topic, *partition, Offset::Beginning).expect("partition");
     }
     consumer.assign(&assignment).expect("assign");
     let mut records = Vec::new();
     while (records.len() as i64) < expected {
         let message = tokio::time::timeout(Duration::from_secs(20), consumer.recv())
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "read {} of {expected} records, then nothing for 20 s",
-                    records.len()
-                )
-            })
+            .unwrap_or_else(|_| panic!("read {} of {expected} records, then nothing for 20 s", records.len()))
             .expect("read a record");
         records.push(message.detach());
     }
@@ -337,19 +294,11 @@ pub async fn read_all(kafka: &KafkaArgs) -> Vec<OwnedMessage> {
 
 pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
     let headers = message.headers()?;
-    headers
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
+    headers.iter().find(|h| h.key == name).and_then(|h| h.value).map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
+    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 /// Whether this process runs as root (effective uid 0), read from procfs.
@@ -380,11 +329,7 @@ fn scratch_dir(prefix: &str) -> PathBuf {
     let dir = PathBuf::from(env("MSYS_TEST_SCRATCH")).join(unique(prefix));
     std::fs::create_dir_all(&dir).expect("create scratch dir");
     if is_root() {
-        let status = Command::new("chown")
-            .arg("postgres:postgres")
-            .arg(&dir)
-            .status()
-            .expect("chown");
+        let status = Command::new("chown").arg("postgres:postgres").arg(&dir).status().expect("chown");
         assert!(status.success(), "chown {dir:?} to postgres");
     }
     dir
@@ -403,32 +348,18 @@ impl DedicatedPostgres {
         let pwfile = dir.join("pw");
         std::fs::write(&pwfile, "postgres\n").expect("write password file");
         if is_root() {
-            Command::new("chown")
-                .arg("postgres:postgres")
-                .arg(&pwfile)
-                .status()
-                .expect("chown");
+            Command::new("chown").arg("postgres:postgres").arg(&pwfile).status().expect("chown");
         }
         let status = pg_tool("initdb")
             .arg("-D")
             .arg(&data)
-            .args([
-                "-U",
-                "postgres",
-                "--auth-local=trust",
-                "--auth-host=scram-sha-256",
-                "-E",
-                "UTF8",
-            ])
+            .args(["-U", "postgres", "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8"])
             .arg(format!("--pwfile={}", pwfile.display()))
             .stdout(Stdio::null())
             .status()
             .expect("run initdb");
         assert!(status.success(), "initdb failed");
-        let cluster = DedicatedPostgres {
-            port: free_port(),
-            dir,
-        };
+        let cluster = DedicatedPostgres { port: free_port(), dir };
         cluster.resume();
         cluster
     }
@@ -449,11 +380,7 @@ impl DedicatedPostgres {
             .stdout(Stdio::null())
             .status()
             .expect("run pg_ctl start");
-        assert!(
-            status.success(),
-            "pg_ctl start failed; see {:?}",
-            self.dir.join("log")
-        );
+        assert!(status.success(), "pg_ctl start failed; see {:?}", self.dir.join("log"));
     }
 
     /// Stops the cluster at once, as a crash or an outage would.
@@ -469,11 +396,7 @@ impl DedicatedPostgres {
     }
 
     pub fn database(&self) -> PostgresSettings {
-        PostgresSettings {
-            port: self.port,
-            host: "127.0.0.1".into(),
-            ..fresh_database(self.port)
-        }
+        PostgresSettings { port: self.port, host: "127.0.0.1".into(), ..fresh_database(self.port) }
     }
 }
 
@@ -500,11 +423,7 @@ pub struct DedicatedBroker {
 impl DedicatedBroker {
     pub async fn start() -> Self {
         let dir = scratch_dir("broker");
-        let mut broker = DedicatedBroker {
-            addr: format!("127.0.0.1:{}", free_port()),
-            dir,
-            child: None,
-        };
+        let mut broker = DedicatedBroker { addr: format!("127.0.0.1:{}", free_port()), dir, child: None };
         broker.resume().await;
         broker
     }
@@ -514,13 +433,7 @@ impl DedicatedBroker {
         let url = format!("tcp://{}", self.addr);
         let log = std::fs::File::create(self.dir.join("broker.log")).expect("broker log");
         let child = Command::new(env("MSYS_NISSHI_BIN"))
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "sqlite://nisshi.db"])
             .current_dir(&self.dir)
             .stdout(Stdio::null())
@@ -529,14 +442,10 @@ impl DedicatedBroker {
             .expect("spawn nisshi");
         self.child = Some(child);
         let addr = self.addr.clone();
-        eventually(
-            Duration::from_secs(30),
-            "the dedicated broker accepts connections",
-            || {
-                let addr = addr.clone();
-                async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
-            },
-        )
+        eventually(Duration::from_secs(30), "the dedicated broker accepts connections", || {
+            let addr = addr.clone();
+            async move { tokio::net::TcpStream::connect(addr).await.ok().map(|_| ()) }
+        })
         .await;
     }
 
@@ -558,9 +467,7 @@ impl Drop for DedicatedBroker {
 
 /// Creates `topic` with 3 partitions before any client can auto-create it.
 pub async fn create_topic(kafka: &KafkaArgs) {
-    msys::kafka::ensure_topic(kafka, &kafka.user_events_topic, 3, 1)
-        .await
-        .expect("create topic");
+    msys::kafka::ensure_topic(kafka, &kafka.user_events_topic, 3, 1).await.expect("create topic");
 }
 
 /// Both services on their own databases, one topic and one consumer group.
@@ -588,24 +495,12 @@ impl Flow {
         wait_for_assignment(&order, 3).await;
         let users = UserServiceClient::new(user.channel().await);
         let orders = OrderServiceClient::new(order.channel().await);
-        Flow {
-            users_db,
-            orders_db,
-            kafka,
-            group,
-            user,
-            order,
-            users,
-            orders,
-        }
+        Flow { users_db, orders_db, kafka, group, user, order, users, orders }
     }
 
     pub async fn create_user(&mut self, name: &str, email: &str) -> pb::User {
         self.users
-            .create_user(pb::CreateUserRequest {
-                name: name.into(),
-                email: email.into(),
-            })
+            .create_user(pb::CreateUserRequest { name: name.into(), email: email.into() })
             .await
             .expect("create user")
             .into_inner()
@@ -639,10 +534,7 @@ pub async fn wait_until_replica_matches(users_db: &PostgresSettings, orders_db: 
     let mut last = (0, 0);
     let result = tokio::time::timeout(Duration::from_secs(60), async {
         loop {
-            let (users, known) = (
-                user_rows(users_db, USERS_TABLE).await,
-                user_rows(orders_db, KNOWN_USERS).await,
-            );
+            let (users, known) = (user_rows(users_db, USERS_TABLE).await, user_rows(orders_db, KNOWN_USERS).await);
             if users == known {
                 return;
             }
@@ -651,20 +543,12 @@ pub async fn wait_until_replica_matches(users_db: &PostgresSettings, orders_db: 
         }
     })
     .await;
-    assert!(
-        result.is_ok(),
-        "known_users never matched users (last seen {} users, {} known)",
-        last.0,
-        last.1
-    );
+    assert!(result.is_ok(), "known_users never matched users (last seen {} users, {} known)", last.0, last.1);
 }
 
 pub async fn metric(channel: Channel, name: &str) -> i64 {
-    let report = MetricsServiceClient::new(channel)
-        .get_metrics(pb::GetMetricsRequest {})
-        .await
-        .expect("metrics")
-        .into_inner();
+    let report =
+        MetricsServiceClient::new(channel).get_metrics(pb::GetMetricsRequest {}).await.expect("metrics").into_inner();
     report.values.get(name).copied().unwrap_or(0)
 }
 

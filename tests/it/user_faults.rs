@@ -3,17 +3,14 @@
 
 use std::{collections::HashSet, process::Stdio, time::Duration};
 
-use msys::pb::{
-    self, metrics_service_client::MetricsServiceClient, user_service_client::UserServiceClient,
-};
+use msys::pb::{self, metrics_service_client::MetricsServiceClient, user_service_client::UserServiceClient};
 use prost::Message as _;
 use rdkafka::Message;
 use tonic::Code;
 
 use crate::support::{
-    DedicatedBroker, DedicatedPostgres, TestResult, create_topic, eventually, fresh_database,
-    header, init_logging, kafka_args, read_all, shared_broker, sql, start_user, unique, user_args,
-    users_port, wait_for_outbox_drain,
+    DedicatedBroker, DedicatedPostgres, TestResult, create_topic, eventually, fresh_database, header, init_logging,
+    kafka_args, read_all, shared_broker, sql, start_user, unique, user_args, users_port, wait_for_outbox_drain,
 };
 
 #[tokio::test]
@@ -26,10 +23,7 @@ async fn creates_succeed_while_the_broker_is_down_and_every_event_arrives_once()
     let role = start_user(user_args(&db, &kafka)).await;
     let mut users = UserServiceClient::new(role.channel().await);
     let mut metrics = MetricsServiceClient::new(role.channel().await);
-    let create = |i: usize| pb::CreateUserRequest {
-        name: format!("user {i}"),
-        email: format!("u{i}@example.org"),
-    };
+    let create = |i: usize| pb::CreateUserRequest { name: format!("user {i}"), email: format!("u{i}@example.org") };
 
     for i in 0..5 {
         users.create_user(create(i)).await?;
@@ -38,48 +32,24 @@ async fn creates_succeed_while_the_broker_is_down_and_every_event_arrives_once()
 
     broker.kill();
     for i in 5..25 {
-        users
-            .create_user(create(i))
-            .await
-            .expect("creates succeed while the broker is down");
+        users.create_user(create(i)).await.expect("creates succeed while the broker is down");
     }
     // The relay tried, and failed, to publish while the broker was away.
-    eventually(
-        Duration::from_secs(30),
-        "the relay reports a failed delivery",
-        || {
-            let mut metrics = metrics.clone();
-            async move {
-                let report = metrics
-                    .get_metrics(pb::GetMetricsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                (report
-                    .values
-                    .get("events_publish_failures_total")
-                    .copied()
-                    .unwrap_or(0)
-                    > 0)
-                .then_some(())
-            }
-        },
-    )
+    eventually(Duration::from_secs(30), "the relay reports a failed delivery", || {
+        let mut metrics = metrics.clone();
+        async move {
+            let report = metrics.get_metrics(pb::GetMetricsRequest {}).await.ok()?.into_inner();
+            (report.values.get("events_publish_failures_total").copied().unwrap_or(0) > 0).then_some(())
+        }
+    })
     .await;
-    let pending = metrics
-        .get_metrics(pb::GetMetricsRequest {})
-        .await?
-        .into_inner()
-        .values["outbox_pending"];
+    let pending = metrics.get_metrics(pb::GetMetricsRequest {}).await?.into_inner().values["outbox_pending"];
     assert!(pending > 0, "the outbox holds the events meanwhile");
 
     broker.resume().await;
     wait_for_outbox_drain(&db).await;
     let records = read_all(&kafka).await;
-    let ids: Vec<String> = records
-        .iter()
-        .map(|r| header(r, "ce_id").expect("ce_id"))
-        .collect();
+    let ids: Vec<String> = records.iter().map(|r| header(r, "ce_id").expect("ce_id")).collect();
     let distinct: HashSet<&String> = ids.iter().collect();
     assert_eq!(ids.len(), 25, "every event arrived, none twice");
     assert_eq!(distinct.len(), 25);
@@ -100,49 +70,23 @@ async fn health_follows_the_database() -> TestResult {
         move || {
             let addr = addr.clone();
             async move {
-                let status = msys::grpc::check_health(&addr, "", Duration::from_secs(2))
-                    .await
-                    .ok()?;
+                let status = msys::grpc::check_health(&addr, "", Duration::from_secs(2)).await.ok()?;
                 (status == expected).then_some(())
             }
         }
     };
-    eventually(
-        Duration::from_secs(10),
-        "health is SERVING",
-        health("SERVING"),
-    )
-    .await;
+    eventually(Duration::from_secs(10), "health is SERVING", health("SERVING")).await;
 
     postgres.halt();
-    eventually(
-        Duration::from_secs(10),
-        "health is NOT_SERVING",
-        health("NOT_SERVING"),
-    )
-    .await;
+    eventually(Duration::from_secs(10), "health is NOT_SERVING", health("NOT_SERVING")).await;
     let mut users = UserServiceClient::new(role.channel().await);
-    let request = pb::CreateUserRequest {
-        name: "Ada".into(),
-        email: "ada@example.org".into(),
-    };
-    let refused = users
-        .create_user(request.clone())
-        .await
-        .expect_err("no database, no user");
+    let request = pb::CreateUserRequest { name: "Ada".into(), email: "ada@example.org".into() };
+    let refused = users.create_user(request.clone()).await.expect_err("no database, no user");
     assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 
     postgres.resume();
-    eventually(
-        Duration::from_secs(15),
-        "health is SERVING again",
-        health("SERVING"),
-    )
-    .await;
-    users
-        .create_user(request)
-        .await
-        .expect("requests succeed once the database is back");
+    eventually(Duration::from_secs(15), "health is SERVING again", health("SERVING")).await;
+    users.create_user(request).await.expect("requests succeed once the database is back");
     role.stop().await;
     Ok(())
 }
@@ -154,13 +98,7 @@ fn spawn_user_process(
     port: u16,
 ) -> tokio::process::Child {
     tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"))
-        .args([
-            "user",
-            "--port",
-            &port.to_string(),
-            "--listen-host",
-            "127.0.0.1",
-        ])
+        .args(["user", "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
         .env("USER_POSTGRES_HOST", &db.host)
         .env("USER_POSTGRES_PORT", db.port.to_string())
         .env("USER_POSTGRES_USER", &db.user)
@@ -178,15 +116,9 @@ fn spawn_user_process(
 }
 
 async fn connect(port: u16) -> UserServiceClient<tonic::transport::Channel> {
-    eventually(
-        Duration::from_secs(30),
-        "msys user accepts connections",
-        || async move {
-            UserServiceClient::connect(format!("http://127.0.0.1:{port}"))
-                .await
-                .ok()
-        },
-    )
+    eventually(Duration::from_secs(30), "msys user accepts connections", || async move {
+        UserServiceClient::connect(format!("http://127.0.0.1:{port}")).await.ok()
+    })
     .await
 }
 
@@ -207,10 +139,7 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
         writers.push(tokio::spawn(async move {
             let mut ok = 0;
             for i in 0..100 {
-                let request = pb::CreateUserRequest {
-                    name: format!("w{w}"),
-                    email: format!("w{w}-{i}@example.org"),
-                };
+                let request = pb::CreateUserRequest { name: format!("w{w}"), email: format!("w{w}-{i}@example.org") };
                 if client.create_user(request).await.is_ok() {
                     ok += 1;
                 }
@@ -220,10 +149,7 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
     }
     let users_db = sql(&db).await;
     eventually(Duration::from_secs(60), "some users exist", || async {
-        let row = users_db
-            .query_one("SELECT count(*) FROM users", &[])
-            .await
-            .ok()?;
+        let row = users_db.query_one("SELECT count(*) FROM users", &[]).await.ok()?;
         (row.get::<_, i64>(0) >= 100).then_some(())
     })
     .await;
@@ -237,16 +163,8 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
     let mut process = spawn_user_process(&db, &kafka, port);
     connect(port).await;
     wait_for_outbox_drain(&db).await;
-    let user_ids: HashSet<i64> = users_db
-        .query("SELECT id FROM users", &[])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    assert!(
-        user_ids.len() >= acknowledged,
-        "every acknowledged create is stored"
-    );
+    let user_ids: HashSet<i64> = users_db.query("SELECT id FROM users", &[]).await?.iter().map(|r| r.get(0)).collect();
+    assert!(user_ids.len() >= acknowledged, "every acknowledged create is stored");
     assert!(user_ids.len() < 800, "the kill interrupted the burst");
 
     let records = read_all(&kafka).await;
@@ -259,15 +177,8 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
             announced.insert(event.user.expect("user").id);
         }
     }
-    assert_eq!(
-        announced, user_ids,
-        "exactly the stored users were announced: none lost, none invented"
-    );
-    assert_eq!(
-        event_ids.len(),
-        user_ids.len(),
-        "one distinct event per create"
-    );
+    assert_eq!(announced, user_ids, "exactly the stored users were announced: none lost, none invented");
+    assert_eq!(event_ids.len(), user_ids.len(), "one distinct event per create");
     process.start_kill()?;
     Ok(())
 }
