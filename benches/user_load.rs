@@ -34,6 +34,9 @@ struct Args {
     seconds: u64,
     #[arg(long, default_value_t = 1)]
     max_id: i64,
+    /// Total requests per second, spread over the streams; 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rate: u64,
 }
 
 #[tokio::main]
@@ -50,14 +53,9 @@ async fn main() -> anyhow::Result<()> {
     let mut workers = Vec::new();
     for worker in 0..args.concurrency {
         let channel = channels[worker % channels.len()].clone();
-        workers.push(tokio::spawn(work(
-            args.workload,
-            channel,
-            worker,
-            run_id.clone(),
-            args.max_id,
-            deadline,
-        )));
+        let pace = (args.rate > 0).then(|| Duration::from_secs_f64(args.concurrency as f64 / args.rate as f64));
+        let job = Job { workload: args.workload, worker, run_id: run_id.clone(), max_id: args.max_id, deadline, pace };
+        workers.push(tokio::spawn(work(channel, job)));
     }
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     let (mut ok, mut errors) = (0u64, 0u64);
@@ -77,20 +75,33 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One stream: requests back to back until the deadline.
-async fn work(
+/// What one stream does.
+struct Job {
     workload: Workload,
-    channel: Channel,
     worker: usize,
     run_id: String,
     max_id: i64,
     deadline: Instant,
-) -> (Histogram<u64>, u64, u64) {
+    /// Time between two requests of this stream, if paced.
+    pace: Option<Duration>,
+}
+
+/// One stream: requests back to back (or paced) until the deadline.
+async fn work(channel: Channel, job: Job) -> (Histogram<u64>, u64, u64) {
+    let Job { workload, worker, run_id, max_id, deadline, pace } = job;
+    let mut ticker = pace.map(|p| {
+        let mut ticker = tokio::time::interval(p);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker
+    });
     let mut client = UserServiceClient::new(channel);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("constant bounds");
     let (mut ok, mut errors) = (0, 0);
     let mut i: u64 = 0;
     while Instant::now() < deadline {
+        if let Some(ticker) = ticker.as_mut() {
+            ticker.tick().await;
+        }
         i += 1;
         let started = Instant::now();
         let result = match workload {
