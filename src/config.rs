@@ -33,6 +33,19 @@ macro_rules! postgres_args {
             pub pool_size: usize,
         }
 
+        impl From<&PostgresSettings> for $name {
+            fn from(s: &PostgresSettings) -> Self {
+                $name {
+                    host: s.host.clone(),
+                    port: s.port,
+                    user: s.user.clone(),
+                    password: s.password.clone(),
+                    dbname: s.dbname.clone(),
+                    pool_size: s.pool_size,
+                }
+            }
+        }
+
         impl From<$name> for PostgresSettings {
             fn from(a: $name) -> Self {
                 PostgresSettings {

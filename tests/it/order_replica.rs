@@ -1,7 +1,7 @@
 //! The order service's replica of users under replay, stale and poison
 //! records, several consumers, and SIGKILL.
 
-use std::{collections::HashSet, process::Stdio, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use msys::{config::KafkaArgs, events, pb};
 use rdkafka::{
@@ -13,8 +13,8 @@ use rdkafka::{
 
 use crate::support::{
     Flow, KNOWN_USERS, TestResult, USERS_TABLE, create_topic, eventually, fresh_database, header, kafka_args, metric,
-    orders_port, read_all, shared_broker, sql, start_order, start_user, unique, user_args, user_rows, users_port,
-    wait_until_replica_matches,
+    orders_port, read_all, shared_broker, spawn_role, sql, start_order, start_user, unique, user_args, user_rows,
+    users_port, wait_until_replica_matches,
 };
 
 /// Everything the replica produced, to compare before and after.
@@ -237,26 +237,6 @@ async fn two_order_processes_share_the_partitions_and_apply_each_event_once() ->
     Ok(())
 }
 
-/// Starts `msys order` as a separate process, so the test can SIGKILL it.
-fn spawn_order_process(db: &msys::config::PostgresSettings, kafka: &KafkaArgs, group: &str) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"))
-        .args(["order", "--port", "0", "--listen-host", "127.0.0.1"])
-        .env("ORDER_POSTGRES_HOST", &db.host)
-        .env("ORDER_POSTGRES_PORT", db.port.to_string())
-        .env("ORDER_POSTGRES_USER", &db.user)
-        .env("ORDER_POSTGRES_PASSWORD", &db.password)
-        .env("ORDER_POSTGRES_DB", &db.dbname)
-        .env("KAFKA_HOST", &kafka.kafka_host)
-        .env("KAFKA_PORT", kafka.kafka_port.to_string())
-        .env("USER_EVENTS_TOPIC", &kafka.user_events_topic)
-        .env("ORDER_CONSUMER_GROUP", group)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn msys order")
-}
-
 #[tokio::test]
 async fn killing_the_order_role_mid_burst_leaves_the_replica_exact() -> TestResult {
     crate::support::init_logging();
@@ -289,7 +269,7 @@ async fn killing_the_order_role_mid_burst_leaves_the_replica_exact() -> TestResu
     crate::support::wait_for_outbox_drain(&users_db).await;
 
     let group = unique("order-service");
-    let mut process = spawn_order_process(&orders_db, &kafka, &group);
+    let mut process = spawn_role("order", 0, &orders_db, &kafka, &[("ORDER_CONSUMER_GROUP", group.as_str())]);
     let orders = sql_when_ready(&orders_db).await;
     eventually(Duration::from_secs(60), "the consumer is part-way through the burst", || async {
         let row = orders.query_one("SELECT count(*) FROM applied_events", &[]).await.ok()?;
@@ -301,7 +281,7 @@ async fn killing_the_order_role_mid_burst_leaves_the_replica_exact() -> TestResu
     let at_kill: i64 = orders.query_one("SELECT count(*) FROM applied_events", &[]).await?.get(0);
     assert!(at_kill < 3080, "SIGKILL landed before the burst was consumed ({at_kill} applied)");
 
-    let mut process = spawn_order_process(&orders_db, &kafka, &group);
+    let mut process = spawn_role("order", 0, &orders_db, &kafka, &[("ORDER_CONSUMER_GROUP", group.as_str())]);
     wait_until_replica_matches(&users_db, &orders_db).await;
     assert_eq!(user_rows(&users_db, USERS_TABLE).await.len(), 3040);
     let applied: i64 = orders.query_one("SELECT count(*) FROM applied_events", &[]).await?.get(0);
@@ -314,16 +294,7 @@ async fn killing_the_order_role_mid_burst_leaves_the_replica_exact() -> TestResu
 /// The orders database once the order role has created and migrated it.
 async fn sql_when_ready(db: &msys::config::PostgresSettings) -> tokio_postgres::Client {
     eventually(Duration::from_secs(30), "the orders database is migrated", || async {
-        let (client, connection) = tokio_postgres::Config::new()
-            .host(&db.host)
-            .port(db.port)
-            .user(&db.user)
-            .password(&db.password)
-            .dbname(&db.dbname)
-            .connect(tokio_postgres::NoTls)
-            .await
-            .ok()?;
-        tokio::spawn(connection);
+        let client = crate::support::try_sql(db).await.ok()?;
         client.query_one("SELECT count(*) FROM applied_events", &[]).await.ok()?;
         Some(client)
     })

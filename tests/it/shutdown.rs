@@ -1,7 +1,7 @@
 //! SIGTERM: stop taking RPCs, finish the ones in flight, commit offsets,
 //! leave the group — and exit 0.
 
-use std::{process::Stdio, time::Duration};
+use std::time::Duration;
 
 use msys::pb::{self, order_service_client::OrderServiceClient};
 use rdkafka::{
@@ -11,7 +11,7 @@ use rdkafka::{
 
 use crate::support::{
     TestResult, create_topic, eventually, free_port, fresh_database, kafka_args, metric, orders_port, shared_broker,
-    start_user, unique, user_args, users_port, wait_until_replica_matches,
+    spawn_role, start_user, unique, user_args, users_port, wait_until_replica_matches,
 };
 
 fn sigterm(child: &tokio::process::Child) {
@@ -31,19 +31,8 @@ async fn sigterm_drains_in_flight_orders_then_commits_offsets_and_exits_cleanly(
     let mut users = pb::user_service_client::UserServiceClient::new(user.channel().await);
     let group = unique("order-service");
     let port = free_port();
-    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"))
-        .args(["order", "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
-        .env("ORDER_POSTGRES_PORT", orders_db.port.to_string())
-        .env("ORDER_POSTGRES_DB", &orders_db.dbname)
-        .env("KAFKA_HOST", &kafka.kafka_host)
-        .env("KAFKA_PORT", kafka.kafka_port.to_string())
-        .env("USER_EVENTS_TOPIC", &kafka.user_events_topic)
-        .env("ORDER_CONSUMER_GROUP", &group)
-        .env("ORDER_USER_WAIT", "10s")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let extra = [("ORDER_CONSUMER_GROUP", group.as_str()), ("ORDER_USER_WAIT", "10s")];
+    let mut process = spawn_role("order", port, &orders_db, &kafka, &extra);
     let channel = eventually(Duration::from_secs(30), "msys order listens", || async move {
         tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}")).ok()?.connect().await.ok()
     })
@@ -104,17 +93,7 @@ async fn sigterm_stops_the_user_role_cleanly() -> TestResult {
     let kafka = kafka_args(&shared_broker(), &unique("user-events"));
     create_topic(&kafka).await;
     let port = free_port();
-    let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"))
-        .args(["user", "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
-        .env("USER_POSTGRES_PORT", db.port.to_string())
-        .env("USER_POSTGRES_DB", &db.dbname)
-        .env("KAFKA_HOST", &kafka.kafka_host)
-        .env("KAFKA_PORT", kafka.kafka_port.to_string())
-        .env("USER_EVENTS_TOPIC", &kafka.user_events_topic)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut process = spawn_role("user", port, &db, &kafka, &[]);
     let mut users = eventually(Duration::from_secs(30), "msys user listens", || async move {
         pb::user_service_client::UserServiceClient::connect(format!("http://127.0.0.1:{port}")).await.ok()
     })

@@ -14,7 +14,7 @@ use std::{
 };
 
 use msys::{
-    config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
+    config::{KafkaArgs, PostgresSettings, ServerArgs},
     order::{OrderArgs, OrderRole, ReplicaArgs},
     pb::{
         self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
@@ -82,17 +82,6 @@ pub fn kafka_args(broker: &str, topic: &str) -> KafkaArgs {
     }
 }
 
-pub fn user_pg_args(db: &PostgresSettings) -> UserPostgresArgs {
-    UserPostgresArgs {
-        host: db.host.clone(),
-        port: db.port,
-        user: db.user.clone(),
-        password: db.password.clone(),
-        dbname: db.dbname.clone(),
-        pool_size: db.pool_size,
-    }
-}
-
 pub fn orders_port() -> u16 {
     env("MSYS_TEST_ORDER_PG_PORT").parse().expect("MSYS_TEST_ORDER_PG_PORT is a port")
 }
@@ -108,14 +97,7 @@ pub fn server_args() -> ServerArgs {
 pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> OrderArgs {
     OrderArgs {
         port: 0,
-        postgres: OrderPostgresArgs {
-            host: db.host.clone(),
-            port: db.port,
-            user: db.user.clone(),
-            password: db.password.clone(),
-            dbname: db.dbname.clone(),
-            pool_size: db.pool_size,
-        },
+        postgres: db.into(),
         kafka: kafka.clone(),
         server: server_args(),
         replica: ReplicaArgs {
@@ -137,7 +119,7 @@ pub async fn start_order(args: OrderArgs) -> RunningRole {
 pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
     UserArgs {
         port: 0,
-        postgres: user_pg_args(db),
+        postgres: db.into(),
         kafka: kafka.clone(),
         server: server_args(),
         relay: RelayArgs {
@@ -225,6 +207,10 @@ impl UserSystem {
 
 /// A direct connection to a test database, for assertions on its tables.
 pub async fn sql(db: &PostgresSettings) -> tokio_postgres::Client {
+    try_sql(db).await.expect("connect to the test database")
+}
+
+pub async fn try_sql(db: &PostgresSettings) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::Config::new()
         .host(&db.host)
         .port(db.port)
@@ -232,10 +218,37 @@ pub async fn sql(db: &PostgresSettings) -> tokio_postgres::Client {
         .password(&db.password)
         .dbname(&db.dbname)
         .connect(tokio_postgres::NoTls)
-        .await
-        .expect("connect to the test database");
+        .await?;
     tokio::spawn(connection);
-    client
+    Ok(client)
+}
+
+/// Starts a role (`user` or `order`) as a separate process, so a test can
+/// signal or SIGKILL it, configured the way operators do: by environment.
+pub fn spawn_role(
+    role: &str,
+    port: u16,
+    db: &PostgresSettings,
+    kafka: &KafkaArgs,
+    extra: &[(&str, &str)],
+) -> tokio::process::Child {
+    let prefix = if role == "user" { "USER_POSTGRES" } else { "ORDER_POSTGRES" };
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"));
+    command
+        .args([role, "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
+        .env(format!("{prefix}_HOST"), &db.host)
+        .env(format!("{prefix}_PORT"), db.port.to_string())
+        .env(format!("{prefix}_USER"), &db.user)
+        .env(format!("{prefix}_PASSWORD"), &db.password)
+        .env(format!("{prefix}_DB"), &db.dbname)
+        .env("KAFKA_HOST", &kafka.kafka_host)
+        .env("KAFKA_PORT", kafka.kafka_port.to_string())
+        .env("USER_EVENTS_TOPIC", &kafka.user_events_topic)
+        .envs(extra.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    command.spawn().expect("spawn msys")
 }
 
 pub async fn wait_for_outbox_drain(db: &PostgresSettings) {

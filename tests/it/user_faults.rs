@@ -1,7 +1,7 @@
 //! Real faults: the broker killed, the database stopped, the user role
 //! killed with SIGKILL. Each test runs its own server it can hurt.
 
-use std::{collections::HashSet, process::Stdio, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use msys::pb::{self, metrics_service_client::MetricsServiceClient, user_service_client::UserServiceClient};
 use prost::Message as _;
@@ -10,7 +10,8 @@ use tonic::Code;
 
 use crate::support::{
     DedicatedBroker, DedicatedPostgres, TestResult, create_topic, eventually, fresh_database, header, init_logging,
-    kafka_args, read_all, shared_broker, sql, start_user, unique, user_args, users_port, wait_for_outbox_drain,
+    kafka_args, read_all, shared_broker, spawn_role, sql, start_user, unique, user_args, users_port,
+    wait_for_outbox_drain,
 };
 
 #[tokio::test]
@@ -91,30 +92,6 @@ async fn health_follows_the_database() -> TestResult {
     Ok(())
 }
 
-/// Starts `msys user` as a separate process, so the test can SIGKILL it.
-fn spawn_user_process(
-    db: &msys::config::PostgresSettings,
-    kafka: &msys::config::KafkaArgs,
-    port: u16,
-) -> tokio::process::Child {
-    tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"))
-        .args(["user", "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
-        .env("USER_POSTGRES_HOST", &db.host)
-        .env("USER_POSTGRES_PORT", db.port.to_string())
-        .env("USER_POSTGRES_USER", &db.user)
-        .env("USER_POSTGRES_PASSWORD", &db.password)
-        .env("USER_POSTGRES_DB", &db.dbname)
-        .env("KAFKA_HOST", &kafka.kafka_host)
-        .env("KAFKA_PORT", kafka.kafka_port.to_string())
-        .env("USER_EVENTS_TOPIC", &kafka.user_events_topic)
-        .env("OUTBOX_POLL_INTERVAL", "100ms")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn msys user")
-}
-
 async fn connect(port: u16) -> UserServiceClient<tonic::transport::Channel> {
     eventually(Duration::from_secs(30), "msys user accepts connections", || async move {
         UserServiceClient::connect(format!("http://127.0.0.1:{port}")).await.ok()
@@ -129,7 +106,7 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
     let kafka = kafka_args(&shared_broker(), &unique("user-events"));
     create_topic(&kafka).await;
     let port = crate::support::free_port();
-    let mut process = spawn_user_process(&db, &kafka, port);
+    let mut process = spawn_role("user", port, &db, &kafka, &[("OUTBOX_POLL_INTERVAL", "100ms")]);
     let client = connect(port).await;
 
     // A burst of creates from 8 clients; SIGKILL lands in the middle of it.
@@ -160,7 +137,7 @@ async fn killing_the_user_role_loses_and_invents_no_event() -> TestResult {
         acknowledged += writer.await?;
     }
 
-    let mut process = spawn_user_process(&db, &kafka, port);
+    let mut process = spawn_role("user", port, &db, &kafka, &[("OUTBOX_POLL_INTERVAL", "100ms")]);
     connect(port).await;
     wait_for_outbox_drain(&db).await;
     let user_ids: HashSet<i64> = users_db.query("SELECT id FROM users", &[]).await?.iter().map(|r| r.get(0)).collect();
