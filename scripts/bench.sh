@@ -1,0 +1,234 @@
+#!/usr/bin/env bash
+# Benchmarks the user role on a throwaway stack: PostgreSQL with the seed's users tuning
+# (config/postgres/users.conf, fsync on: the real thing), a nisshi broker and `msys user`
+# (release build), each on a free port in a temporary directory, torn down afterwards.
+# Prints, from one run:
+#   a. CreateUser requests/s at 32 streams (benches/user_load.rs, i.e. cargo bench --bench
+#      user_load -- create ...) / pgbench TPS of the same SQL
+#      (scripts/bench/create_user.sql) with 32 clients on the same database   target >= 0.80
+#   b. GetUser requests/s / grpc.health.v1 Check requests/s, both with h2load  target >= 0.70
+#   c. the role's RSS idle and peak under load          targets <= 25 MB / <= 64 MB
+# Asserts nothing: it exits non-zero only if the setup or a load tool fails.
+#
+# usage: scripts/bench.sh
+# environment:
+#   MSYS_BIN                msys binary to run instead of a cargo release build
+#   MSYS_BENCH_SECONDS      length of the CreateUser and pgbench runs (default 10)
+#   MSYS_BENCH_REQUESTS     h2load requests per endpoint (default 100000)
+#   MSYS_KEEP_TMP=1         keep the temporary directory (data and logs)
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+SECONDS_PER_RUN=${MSYS_BENCH_SECONDS:-10}
+H2_REQUESTS=${MSYS_BENCH_REQUESTS:-100000}
+TMP=
+LOAD_BIN=
+ROLE_PID=
+SAMPLER_PID=
+declare -A FIG=()
+
+# shellcheck disable=SC2317  # the EXIT trap
+# Best effort: stops everything this run started, whatever state the run died in.
+teardown() {
+  local status=$?
+  trap - EXIT INT TERM
+  set +e
+  [[ -n $SAMPLER_PID ]] && kill "$SAMPLER_PID" 2>/dev/null
+  if [[ -n $TMP ]]; then
+    log "tearing down $TMP"
+    (stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20)
+    (stop_daemon broker "$TMP/run/kafka.pid" nisshi 10)
+    (pg_stop_cluster "$TMP/pg/users" immediate)
+    if [[ ${MSYS_KEEP_TMP:-} == 1 ]]; then log "kept $TMP (MSYS_KEEP_TMP=1)"; else rm -rf "$TMP"; fi
+  fi
+  print_timings
+  exit "$status"
+}
+
+# Builds both binaries before anything runs, so compilation does not compete with the loads. The
+# load generator is then run directly rather than through `cargo bench -- ...`, so that a source
+# edit during the run cannot trigger a rebuild in the middle of the measurements.
+build_all() {
+  local json
+  ensure_msys build
+  log "cargo bench --bench user_load --no-run"
+  json=$(cd "$MSYS_ROOT" && cargo bench --bench user_load --no-run --message-format=json-render-diagnostics) ||
+    die "building benches/user_load.rs failed (compiler output above)"
+  LOAD_BIN=$(sed -n 's/.*"executable":"\([^"]*user_load[^"]*\)".*/\1/p' <<<"$json" | tail -n 1)
+  [[ -x $LOAD_BIN ]] || die "cargo bench --no-run did not report the user_load executable"
+}
+
+# SERVING on grpc.health.v1, the same check start.sh uses.
+role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
+
+# The user role against the throwaway database and broker; healthy before any load starts.
+start_user_role() {
+  local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
+  start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_HOST=127.0.0.1 \
+    USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
+    USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
+    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT"
+  wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
+    die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
+  ROLE_PID=$(<"$pidfile")
+}
+
+# One field (kB) of /proc/PID/status, e.g. VmRSS or VmHWM.
+proc_kb() {
+  local key value _
+  while read -r key value _; do
+    if [[ $key == "$2:" ]]; then
+      echo "$value"
+      return 0
+    fi
+  done <"/proc/$1/status"
+  return 1
+}
+
+# Samples the role's RSS every 100 ms into FILE (the maximum so far) until killed.
+rss_sampler() {
+  local max=0 kb
+  while kb=$(proc_kb "$ROLE_PID" VmRSS 2>/dev/null); do
+    if ((kb > max)); then
+      max=$kb
+      echo "$max" >"$1"
+    fi
+    sleep 0.1
+  done
+}
+
+# The value of KEY=VALUE in user_load's result line.
+field() { sed -n "s/.*\\b$1=\\([0-9.]*\\).*/\\1/p" <<<"$2" | tail -n 1; }
+
+# a, first half: CreateUser over gRPC through the role, 32 concurrent streams.
+bench_create_grpc() {
+  local out line
+  log "CreateUser load: $SECONDS_PER_RUN s at 32 concurrent streams"
+  out=$("$LOAD_BIN" create --addr "http://127.0.0.1:$USER_PORT" --concurrency 32 \
+    --seconds "$SECONDS_PER_RUN" 2>>"$TMP/log/user_load.log") ||
+    die_with_log "$TMP/log/user_load.log" "user_load ($LOAD_BIN) failed: $out"
+  line=$(grep -E '^requests=' <<<"$out" | tail -n 1) || die "user_load printed no result line; it said: $out"
+  log "user_load: $line"
+  FIG[create_rps]=$(field rps "$line")
+  FIG[create_errors]=$(field errors "$line")
+  FIG[create_p99]=$(field p99_ms "$line")
+}
+
+# a, second half: the same transaction straight through pgbench, prepared like msys's statements.
+bench_create_pgbench() {
+  local out
+  log "pgbench: $SECONDS_PER_RUN s, 32 clients, scripts/bench/create_user.sql"
+  out=$(PGPASSWORD=postgres "$PG_BINDIR/pgbench" -n -M prepared -c 32 -j 2 -T "$SECONDS_PER_RUN" \
+    -f "$MSYS_ROOT/scripts/bench/create_user.sql" -h 127.0.0.1 -p "$PG_PORT" -U postgres users_db 2>&1) ||
+    die "pgbench failed: $out"
+  FIG[pgbench_tps]=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -n 1)
+  [[ -n ${FIG[pgbench_tps]} ]] || die "no tps in pgbench output: $out"
+  FIG[pgbench_tps]=$(awk -v t="${FIG[pgbench_tps]}" 'BEGIN { printf "%.1f", t }')
+}
+
+# The smallest existing user id, so GetUser hits a real row (user 1 after the CreateUser load).
+first_user_id() {
+  PGPASSWORD=postgres "$PG_BINDIR/psql" -h 127.0.0.1 -p "$PG_PORT" -U postgres -d users_db -XAtq \
+    -c 'SELECT min(id) FROM users'
+}
+
+# h2load only sees HTTP statuses, so one call checks the gRPC status (a trailer) first.
+check_grpc_ok() {
+  local out
+  out=$(nghttp -nv -H 'content-type: application/grpc' -H 'te: trailers' -d "$2" "$1" 2>&1) || true
+  grep -q 'grpc-status: 0' <<<"$out" || die "$1 does not answer grpc-status 0: $(grep -E 'grpc-(status|message)|:status' <<<"$out" | tr -s ' ' | tr '\n' ' ')"
+}
+
+# One h2load run; prints requests/s and fails unless every request got a 2xx.
+h2load_rps() {
+  local url=$1 body=$2 n=$3 out
+  out=$(h2load -n "$n" -c 4 -m 32 -H 'content-type: application/grpc' -H 'te: trailers' -d "$body" "$url" 2>&1) ||
+    die "h2load $url failed: $out"
+  grep -q "^status codes: $n 2xx" <<<"$out" || die "h2load $url: not all $n requests got 2xx: $(grep -E '^(requests|status codes):' <<<"$out" | tr '\n' ' ')"
+  sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out"
+}
+
+# b: GetUser against the health check on the same server, each warmed up first.
+bench_get_user() {
+  local id base=http://127.0.0.1:$USER_PORT
+  id=$(first_user_id)
+  [[ $id =~ ^[0-9]+$ ]] || die "no user in users_db to fetch (psql said: '$id')"
+  "$MSYS_ROOT/scripts/bench/grpc-bodies.sh" "$TMP/bodies" "$id"
+  check_grpc_ok "$base/msys.v1.UserService/GetUser" "$TMP/bodies/get_user.bin"
+  check_grpc_ok "$base/grpc.health.v1.Health/Check" "$TMP/bodies/health_check.bin"
+  log "h2load: $H2_REQUESTS GetUser (id $id) and $H2_REQUESTS Health/Check requests, 4 connections x 32 streams"
+  h2load_rps "$base/msys.v1.UserService/GetUser" "$TMP/bodies/get_user.bin" 2000 >/dev/null
+  FIG[get_rps]=$(h2load_rps "$base/msys.v1.UserService/GetUser" "$TMP/bodies/get_user.bin" "$H2_REQUESTS")
+  h2load_rps "$base/grpc.health.v1.Health/Check" "$TMP/bodies/health_check.bin" 2000 >/dev/null
+  FIG[health_rps]=$(h2load_rps "$base/grpc.health.v1.Health/Check" "$TMP/bodies/health_check.bin" "$H2_REQUESTS")
+}
+
+# a / b with awk, since bash has no floating point.
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+# "ok" or "MISS" for VALUE OP TARGET.
+verdict() { awk -v v="$1" -v t="$3" -v op="$2" 'BEGIN { ok = (op == ">=") ? v >= t : v <= t; print (v == "n/a") ? "n/a" : ok ? "ok" : "MISS" }'; }
+
+# One table row: figure, value, target, verdict.
+row() { printf '%-44s %12s %10s  %s\n' "$1" "$2" "${3:-}" "${4:-}"; }
+
+print_table() {
+  local create_ratio get_ratio idle_mb peak_mb
+  create_ratio=$(ratio "${FIG[create_rps]}" "${FIG[pgbench_tps]}")
+  get_ratio=$(ratio "${FIG[get_rps]}" "${FIG[health_rps]}")
+  idle_mb=$(awk -v k="${FIG[rss_idle_kb]}" 'BEGIN { printf "%.1f", k / 1024 }')
+  peak_mb=$(awk -v k="${FIG[rss_peak_kb]}" 'BEGIN { printf "%.1f", k / 1024 }')
+  printf '\n'
+  row "figure" "value" "target" ""
+  row "CreateUser rps via msys (32 streams)" "${FIG[create_rps]}"
+  row "  errors / p99 ms" "${FIG[create_errors]:-?} / ${FIG[create_p99]:-?}"
+  row "CreateUser tps via pgbench (32 clients)" "${FIG[pgbench_tps]}"
+  row "CreateUser msys / pgbench" "$create_ratio" ">= 0.80" "$(verdict "$create_ratio" '>=' 0.80)"
+  row "GetUser rps (h2load)" "${FIG[get_rps]}"
+  row "Health/Check rps (h2load)" "${FIG[health_rps]}"
+  row "GetUser / Health/Check" "$get_ratio" ">= 0.70" "$(verdict "$get_ratio" '>=' 0.70)"
+  row "user role RSS idle (MB)" "$idle_mb" "<= 25" "$(verdict "$idle_mb" '<=' 25)"
+  row "user role RSS peak under load (MB)" "$peak_mb" "<= 64" "$(verdict "$peak_mb" '<=' 64)"
+}
+
+main() {
+  local peak_sampled hwm
+  trap teardown EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  timed "packages" ensure_packages initdb:postgresql pgbench:postgresql h2load:nghttp2-client nghttp:nghttp2-client
+  timed "nisshi" ensure_nisshi
+  find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
+  timed "build" build_all
+
+  make_throwaway_dir TMP msys-bench
+  log "stack in $TMP"
+  free_port PG_PORT
+  timed "postgres users" pg_start_cluster "$TMP/pg/users" "$PG_PORT" \
+    "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
+  free_port KAFKA_PORT
+  timed "broker" start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
+  KAFKA_HOST=127.0.0.1 KAFKA_PORT=$KAFKA_PORT "$MSYS_BIN" events create-topic --topic user-events \
+    --partitions 3 --replication-factor 1 >>"$TMP/log/kafka.log" 2>&1 ||
+    die_with_log "$TMP/log/kafka.log" "msys events create-topic user-events failed"
+  free_port USER_PORT
+  timed "msys user" start_user_role
+
+  FIG[rss_idle_kb]=$(proc_kb "$ROLE_PID" VmRSS)
+  # Other work on the machine skews every figure; say how busy it was.
+  log "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
+  rss_sampler "$TMP/rss-peak" &
+  SAMPLER_PID=$!
+  timed "a: CreateUser via msys" bench_create_grpc
+  timed "a: CreateUser via pgbench" bench_create_pgbench
+  timed "b: GetUser and Health/Check" bench_get_user
+  hwm=$(proc_kb "$ROLE_PID" VmHWM)
+  kill "$SAMPLER_PID" 2>/dev/null || true
+  SAMPLER_PID=
+  peak_sampled=$(cat "$TMP/rss-peak" 2>/dev/null || echo 0)
+  FIG[rss_peak_kb]=$((hwm > peak_sampled ? hwm : peak_sampled))
+  print_table
+}
+
+main "$@"

@@ -1,0 +1,429 @@
+# shellcheck shell=bash
+# Shared helpers for scripts/*.sh. Sourced, never run; callers use `set -euo pipefail`.
+# Messages go to stderr so that functions can hand results back on stdout.
+
+MSYS_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MSYS_CACHE=${MSYS_CACHE:-$HOME/.cache/msys}
+NISSHI_VERSION=0.8.1
+NISSHI_TOOLCHAIN=1.96.0
+NISSHI_BIN=${MSYS_NISSHI_BIN:-$MSYS_CACHE/nisshi-$NISSHI_VERSION/bin/nisshi}
+PG_BINDIR=${MSYS_PG_BINDIR:-}
+MSYS_TIMINGS=()
+_MSYS_PORTS_GIVEN=" "
+_MSYS_APT_UPDATED=
+
+# ---------------------------------------------------------------- logging
+
+# One prefix for every line, so interleaved output from several scripts stays attributable.
+log() { printf '%(%H:%M:%S)T [%s] %s\n' -1 "${0##*/}" "$*" >&2; }
+
+warn() { log "warning: $*"; }
+
+# Every fatal error says what failed; callers that own a log file use die_with_log.
+die() {
+  log "error: $*"
+  exit 1
+}
+
+# A failure is only actionable with the evidence, so show the log's tail and where the rest is.
+die_with_log() {
+  local file=$1
+  shift
+  log "error: $*"
+  if [[ -s $file ]]; then
+    log "last lines of $file:"
+    tail -n 25 "$file" | sed 's/^/    | /' >&2
+  fi
+  log "full log: $file"
+  exit 1
+}
+
+# Milliseconds since the epoch without forking date(1); strips the locale's decimal separator.
+now_ms() {
+  local t=${EPOCHREALTIME//[!0-9]/}
+  echo $((t / 1000))
+}
+
+# Runs a command and records how long it took, for the per-phase timing summary.
+timed() {
+  local label=$1 start elapsed
+  shift
+  start=$(now_ms)
+  "$@"
+  elapsed=$(($(now_ms) - start))
+  MSYS_TIMINGS+=("$label|$elapsed")
+  log "$label: done in $(format_ms "$elapsed")"
+}
+
+# Renders milliseconds as seconds with one decimal for humans.
+format_ms() { printf '%d.%01ds' $(($1 / 1000)) $((($1 % 1000) / 100)); }
+
+# The summary that test.sh and bench.sh print, so slow phases are easy to spot in CI logs.
+print_timings() {
+  local entry
+  ((${#MSYS_TIMINGS[@]})) || return 0
+  printf '\nphase timings:\n' >&2
+  for entry in "${MSYS_TIMINGS[@]}"; do
+    printf '  %-28s %8s\n' "${entry%%|*}" "$(format_ms "${entry#*|}")" >&2
+  done
+}
+
+# ---------------------------------------------------------------- waiting
+
+# Polls CMD every 100 ms until it succeeds; every wait in these scripts is bounded by TIMEOUT seconds.
+wait_until() {
+  local timeout=$1 deadline
+  shift
+  deadline=$(($(now_ms) + timeout * 1000))
+  until "$@"; do
+    (($(now_ms) < deadline)) || return 1
+    sleep 0.1
+  done
+}
+
+# ---------------------------------------------------------------- users and packages
+
+is_root() { [[ $EUID -eq 0 ]]; }
+
+# PostgreSQL refuses to run as root, so as root its tools run as `postgres`, from / because
+# root's working directory (often under /root, mode 700) is unreadable to that user.
+run_as_pg() {
+  if is_root; then
+    (cd / && runuser -u postgres -- "$@")
+  else
+    "$@"
+  fi
+}
+
+# Files PostgreSQL must read or write have to belong to the user it runs as.
+own_by_pg() {
+  if is_root; then chown postgres: "$@"; fi
+}
+
+# The newest installed PostgreSQL's initdb/pg_ctl; Debian keeps them off PATH.
+find_pg_bindir() {
+  local dir dirs
+  if [[ -n $PG_BINDIR ]]; then
+    [[ -x $PG_BINDIR/initdb ]] && return 0
+    die "MSYS_PG_BINDIR=$PG_BINDIR has no initdb"
+  fi
+  mapfile -t dirs < <(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V -r)
+  for dir in "${dirs[@]}"; do
+    if [[ -x $dir/initdb ]]; then
+      PG_BINDIR=$dir
+      return 0
+    fi
+  done
+  if command -v initdb >/dev/null; then
+    PG_BINDIR=$(dirname "$(command -v initdb)")
+    return 0
+  fi
+  return 1
+}
+
+# A tool counts as installed if it is on PATH or among PostgreSQL's binaries.
+have_tool() {
+  command -v "$1" >/dev/null && return 0
+  find_pg_bindir && [[ -x $PG_BINDIR/$1 ]]
+}
+
+# apt-get update is slow, so it runs at most once per script run and only if something is missing.
+apt_update_once() {
+  [[ -n $_MSYS_APT_UPDATED ]] && return 0
+  log "running apt-get update"
+  apt-get update -q >&2 || die "apt-get update failed"
+  _MSYS_APT_UPDATED=1
+}
+
+# Installs the Debian packages whose tools are missing; args are TOOL:PACKAGE. Only root can;
+# anyone else is told the exact command.
+ensure_packages() {
+  local spec missing=()
+  for spec in "$@"; do
+    have_tool "${spec%%:*}" || missing+=("${spec#*:}")
+  done
+  ((${#missing[@]})) || return 0
+  is_root || die "missing Debian packages: ${missing[*]}; install them with: sudo apt-get install ${missing[*]}"
+  apt_update_once
+  log "installing ${missing[*]} with apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2 ||
+    die "apt-get install ${missing[*]} failed"
+  for spec in "$@"; do
+    have_tool "${spec%%:*}" || die "${spec%%:*} still missing after installing ${spec#*:}"
+  done
+}
+
+# ---------------------------------------------------------------- the broker binary
+
+# Builds nisshi once into a cache outside the repo (it takes a quarter of an hour); a lock makes
+# concurrent runs wait for one build instead of racing.
+ensure_nisshi() {
+  [[ -x $NISSHI_BIN ]] && return 0
+  [[ -z ${MSYS_NISSHI_BIN:-} ]] || die "MSYS_NISSHI_BIN=$MSYS_NISSHI_BIN is not an executable"
+  local lock_fd
+  mkdir -p "$MSYS_CACHE"
+  exec {lock_fd}>"$MSYS_CACHE/nisshi-$NISSHI_VERSION.lock"
+  if ! flock -n "$lock_fd"; then
+    log "another run is building nisshi (lock $MSYS_CACHE/nisshi-$NISSHI_VERSION.lock); waiting for it"
+    flock "$lock_fd"
+  fi
+  [[ -x $NISSHI_BIN ]] || build_nisshi
+  exec {lock_fd}>&-
+}
+
+# The install itself; progress goes to a log with one line per 50 crates so CI output shows life.
+build_nisshi() {
+  local log=$MSYS_CACHE/nisshi-build.log
+  command -v rustup >/dev/null || die "rustup is needed to build nisshi $NISSHI_VERSION (toolchain $NISSHI_TOOLCHAIN)"
+  if ! rustup toolchain list | grep -q "^$NISSHI_TOOLCHAIN"; then
+    log "installing Rust toolchain $NISSHI_TOOLCHAIN for nisshi"
+    rustup toolchain install "$NISSHI_TOOLCHAIN" --profile minimal >&2 || die "rustup toolchain install $NISSHI_TOOLCHAIN failed"
+  fi
+  log "building nisshi $NISSHI_VERSION into $MSYS_CACHE (once; takes about 16 minutes on 2 cores), log: $log"
+  CARGO_TARGET_DIR=$MSYS_CACHE/nisshi-build cargo "+$NISSHI_TOOLCHAIN" install nisshi \
+    --version "$NISSHI_VERSION" --locked --no-default-features --features libsql \
+    --root "$MSYS_CACHE/nisshi-$NISSHI_VERSION" 2>&1 |
+    tee "$log" | awk '/Compiling/ && ++n % 50 == 0 { print "  nisshi build: " n " crates compiled"; fflush() }' >&2 ||
+    die_with_log "$log" "building nisshi $NISSHI_VERSION failed"
+  [[ -x $NISSHI_BIN ]] || die_with_log "$log" "nisshi build finished but $NISSHI_BIN is missing"
+  # The intermediate artefacts (about 1.6 GB) are never used again; CI caches stay small.
+  rm -rf "$MSYS_CACHE/nisshi-build"
+}
+
+# ---------------------------------------------------------------- ports and processes
+
+# True if something accepts TCP connections on 127.0.0.1:PORT (bash's /dev/tcp, no extra tools).
+port_open() { (: <>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# Stores in VAR a port nobody listens on, below the kernel's ephemeral range (so outgoing
+# connections cannot grab it meanwhile) and not handed out earlier in this run.
+free_port() {
+  local var=$1 port _
+  for _ in {1..200}; do
+    port=$((20000 + RANDOM % 12000))
+    [[ $_MSYS_PORTS_GIVEN == *" $port "* ]] && continue
+    port_open "$port" && continue
+    _MSYS_PORTS_GIVEN+="$port "
+    printf -v "$var" '%s' "$port"
+    return 0
+  done
+  die "no free TCP port found in 20000-31999"
+}
+
+# A pid file only counts if its process still runs the expected program: pids get reused, and a
+# zombie's empty cmdline makes it count as dead.
+pid_alive() {
+  local pidfile=$1 name=$2 pid cmdline
+  [[ -s $pidfile ]] || return 1
+  pid=$(<"$pidfile")
+  [[ $pid =~ ^[0-9]+$ ]] || return 1
+  cmdline=$(tr '\0' ' ' 2>/dev/null <"/proc/$pid/cmdline") || return 1
+  [[ $cmdline == *"$name"* ]]
+}
+
+# The process is gone or a zombie, i.e. it no longer holds ports or files.
+pid_gone() {
+  local state
+  state=$(awk '/^State:/ { print $2 }' "/proc/$1/status" 2>/dev/null) || return 0
+  [[ -z $state || $state == Z ]]
+}
+
+# Starts a long-running process in its own session (closing the terminal or Ctrl-C in the caller
+# does not hit it), appending to LOG, and records its pid. No job control here, so $! is the
+# daemon itself: setsid only forks when the caller leads a process group. NO_COLOR because
+# nisshi and msys colour their logs even when writing to a file.
+start_daemon() {
+  local pidfile=$1 log=$2 dir=$3
+  shift 3
+  mkdir -p "$dir" "$(dirname "$pidfile")" "$(dirname "$log")"
+  printf '\n==== %(%F %T)T starting: %s\n' -1 "$*" >>"$log"
+  (cd "$dir" && export NO_COLOR=1 && exec setsid "$@" </dev/null >>"$log" 2>&1) &
+  echo $! >"$pidfile"
+}
+
+# Used inside wait_until: gives up at once, with the log, when the awaited process has died; a
+# process that has not yet exec'd into NAME is merely not ready.
+daemon_check() {
+  local pidfile=$1 name=$2 log=$3 pid
+  shift 3
+  pid=$(<"$pidfile")
+  if pid_gone "$pid"; then
+    rm -f "$pidfile"
+    die_with_log "$log" "$name (pid $pid) exited during startup"
+  fi
+  pid_alive "$pidfile" "$name" && "$@"
+}
+
+# SIGTERM first so the process can finish in-flight work; SIGKILL only after a bounded wait.
+stop_daemon() {
+  local label=$1 pidfile=$2 name=$3 timeout=${4:-20} pid
+  if ! pid_alive "$pidfile" "$name"; then
+    rm -f "$pidfile"
+    return 0
+  fi
+  pid=$(<"$pidfile")
+  log "stopping $label (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  if ! wait_until "$timeout" pid_gone "$pid"; then
+    warn "$label (pid $pid) still running ${timeout}s after SIGTERM; sending SIGKILL"
+    kill -KILL "$pid" 2>/dev/null || true
+    wait_until 10 pid_gone "$pid" || die "$label (pid $pid) survived SIGKILL"
+  fi
+  rm -f "$pidfile"
+}
+
+# ---------------------------------------------------------------- PostgreSQL
+
+# Writes FILE only when its content changes, so re-running a script leaves running clusters'
+# files untouched; the file ends up owned by the PostgreSQL user.
+write_pg_file() {
+  local file=$1 content=$2
+  [[ -f $file && $(<"$file") == "$content" ]] && return 0
+  printf '%s\n' "$content" >"$file"
+  own_by_pg "$file"
+}
+
+# initdb once: scram password auth on TCP (postgres/postgres), trust only on the cluster's own
+# socket directory, which only the cluster's owner can reach.
+pg_init_cluster() {
+  local dir=$1 log=$2 pwfile
+  mkdir -p "$dir"
+  own_by_pg "$dir"
+  chmod 700 "$dir"
+  run_as_pg test -w "$dir" ||
+    die "the PostgreSQL user cannot reach $dir; keep the state outside /root (mode 700), e.g. under /var/lib or /tmp"
+  # Next to the data directory, since the postgres user can evidently read there.
+  pwfile=$(mktemp "$(dirname "$dir")/.pwfile.XXXXXX")
+  echo postgres >"$pwfile"
+  own_by_pg "$pwfile"
+  log "initdb $dir"
+  if ! run_as_pg "$PG_BINDIR/initdb" -D "$dir" -U postgres --pwfile="$pwfile" --auth-local=trust \
+    --auth-host=scram-sha-256 --encoding=UTF8 --locale=C >>"$log" 2>&1; then
+    rm -f "$pwfile"
+    die_with_log "$log" "initdb of $dir failed"
+  fi
+  rm -f "$pwfile"
+  # The included files are rewritten at every start; being last, they override initdb's defaults.
+  printf '\n# msys: tuning copied from config/postgres/, then address settings (scripts/lib.sh)\ninclude = %s\ninclude = %s\n' \
+    "'msys-tuning.conf'" "'msys-runtime.conf'" >>"$dir/postgresql.conf"
+}
+
+# pg_ctl's own check of postmaster.pid, except that a postmaster just killed (a zombie until
+# reaped) counts as stopped: a stale pid file left by kill -9 must lead to a restart.
+pg_running() {
+  local pid
+  pid=$(head -n 1 "$1/postmaster.pid" 2>/dev/null) || return 1
+  [[ $pid =~ ^[0-9]+$ ]] && ! pid_gone "$pid" || return 1
+  run_as_pg "$PG_BINDIR/pg_ctl" status -D "$1" >/dev/null 2>&1
+}
+
+# One start attempt; after a kill -9 the old backends may still hold shared memory for a moment.
+pg_try_start() {
+  local dir=$1 log=$2
+  run_as_pg "$PG_BINDIR/pg_ctl" start -D "$dir" -l "$log" -w -t 60 -s >/dev/null 2>&1
+}
+
+# Starts (initialising if new) the cluster in DIR on 127.0.0.1:PORT with CONF's tuning; returns at
+# once if it already runs. The repo's CONF is copied in because the repo may sit where the
+# postgres user cannot read (e.g. under /root).
+pg_start_cluster() {
+  local dir=$1 port=$2 conf=$3 log=${4:-$1.log}
+  find_pg_bindir || die "PostgreSQL not found (install postgresql or set MSYS_PG_BINDIR)"
+  [[ -r $conf ]] || die "PostgreSQL config $conf not readable"
+  mkdir -p "$(dirname "$log")"
+  touch "$log"
+  own_by_pg "$log"
+  [[ -s $dir/PG_VERSION ]] || pg_init_cluster "$dir" "$log"
+  write_pg_file "$dir/msys-tuning.conf" "$(cat "$conf")"
+  write_pg_file "$dir/msys-runtime.conf" "listen_addresses = '127.0.0.1'
+port = $port
+unix_socket_directories = '$dir'"
+  if pg_running "$dir"; then
+    log "PostgreSQL $dir already running on 127.0.0.1:$port"
+    return 0
+  fi
+  wait_until 15 pg_try_start "$dir" "$log" || die_with_log "$log" "PostgreSQL in $dir did not start on 127.0.0.1:$port"
+  wait_until 30 "$PG_BINDIR/pg_isready" -q -h 127.0.0.1 -p "$port" ||
+    die_with_log "$log" "PostgreSQL in $dir is not ready on 127.0.0.1:$port (pg_isready)"
+}
+
+# Stops the cluster in DIR if it runs; fast mode rolls back open transactions and checkpoints,
+# immediate (for throwaway clusters) skips the checkpoint.
+pg_stop_cluster() {
+  local dir=$1 mode=${2:-fast}
+  [[ -s $dir/PG_VERSION ]] || return 0
+  find_pg_bindir || die "PostgreSQL not found (install postgresql or set MSYS_PG_BINDIR)"
+  pg_running "$dir" || return 0
+  log "stopping PostgreSQL $dir ($mode)"
+  run_as_pg "$PG_BINDIR/pg_ctl" stop -D "$dir" -m "$mode" -w -t 60 -s || die "pg_ctl stop -D $dir failed"
+}
+
+# ---------------------------------------------------------------- Kafka (nisshi)
+
+# Readiness through the Kafka protocol (a topic listing), which works before msys is built. The
+# port is probed first because nisshi's client retries a refused connection for about 27 s.
+broker_ready() {
+  port_open "$1" && timeout 10 "$NISSHI_BIN" topic list --broker "tcp://127.0.0.1:$1" >/dev/null 2>&1
+}
+
+# Starts nisshi on 127.0.0.1:PORT with SQLite storage in DIR (WAL mode, so kill -9 loses nothing
+# committed); returns at once if the pid file's broker runs.
+start_nisshi() {
+  local dir=$1 port=$2 log=${3:-$1/broker.log} pidfile=${4:-$1/broker.pid}
+  if pid_alive "$pidfile" nisshi; then
+    log "broker already running (pid $(<"$pidfile")) on 127.0.0.1:$port"
+    return 0
+  fi
+  port_open "$port" && die "cannot start the broker: 127.0.0.1:$port is taken by another process"
+  start_daemon "$pidfile" "$log" "$dir" "$NISSHI_BIN" broker \
+    --listener-url "tcp://127.0.0.1:$port" --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine sqlite://nisshi.db
+  wait_until 60 daemon_check "$pidfile" nisshi "$log" broker_ready "$port" ||
+    die_with_log "$log" "broker on 127.0.0.1:$port not ready within 60s"
+}
+
+# ---------------------------------------------------------------- msys
+
+# cargo's real target directory (CARGO_TARGET_DIR, .cargo/config.toml or ./target), as cargo resolves it.
+cargo_target_dir() {
+  (cd "$MSYS_ROOT" && cargo metadata --format-version 1 --no-deps) |
+    sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p'
+}
+
+# Sets MSYS_BIN: the caller's binary if given, else a release build (a no-op when up to date).
+ensure_msys() {
+  local build=${1:-build}
+  if [[ -n ${MSYS_BIN:-} ]]; then
+    [[ -x $MSYS_BIN ]] || die "MSYS_BIN=$MSYS_BIN is not an executable"
+    return 0
+  fi
+  command -v cargo >/dev/null || die "cargo not found; install Rust or set MSYS_BIN to a built msys"
+  if [[ $build == build ]]; then
+    log "cargo build --release (no-op when up to date)"
+    (cd "$MSYS_ROOT" && cargo build --release >&2) || die "cargo build --release failed (compiler output above)"
+  fi
+  MSYS_BIN=$(cargo_target_dir)/release/msys
+  [[ -x $MSYS_BIN ]] || die "$MSYS_BIN missing; build it with cargo build --release (or drop --no-build)"
+}
+
+# The state directory of the native stack: root's must be reachable by the postgres user, and
+# /root is not, hence /var/lib.
+msys_state_dir() {
+  if [[ -n ${MSYS_STATE_DIR:-} ]]; then
+    echo "$MSYS_STATE_DIR"
+  elif is_root; then
+    echo /var/lib/msys
+  else
+    echo "${XDG_STATE_HOME:-$HOME/.local/state}/msys"
+  fi
+}
+
+# A throwaway tree for test.sh and bench.sh, stored in VAR; mode 755 because mktemp's 700 would
+# keep the postgres user (when we are root) out of the clusters inside it.
+make_throwaway_dir() {
+  local var=$1 dir
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/$2.XXXXXX")
+  chmod 755 "$dir"
+  mkdir -p "$dir/pg" "$dir/log" "$dir/run" "$dir/kafka"
+  printf -v "$var" '%s' "$dir"
+}

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Starts the msys stack natively, in the seed's order: PostgreSQL for users (127.0.0.1:5434) and
+# orders (5435), the Kafka broker (nisshi, 9093) with the user-events topic, then the msys roles,
+# each one healthy before the next starts. Idempotent: pieces already running are left alone,
+# missing ones (e.g. after kill -9) are started again. Data survives scripts/stop.sh.
+#
+# usage: scripts/start.sh [--no-build]
+#   --no-build        use the existing release binary instead of running cargo build --release
+# environment:
+#   MSYS_BIN          msys binary to run (implies --no-build)
+#   MSYS_ROLES        roles to start, in order (default: "user order")
+#   MSYS_STATE_DIR    data, logs and pid files (default /var/lib/msys as root, else
+#                     ~/.local/state/msys)
+#   USER_POSTGRES_PORT, ORDER_POSTGRES_PORT, KAFKA_PORT, USER_SERVICE_PORT, ORDER_SERVICE_PORT,
+#   MONITOR_SERVICE_PORT, FRONTEND_PORT, USER_EVENTS_TOPIC override the seed's values;
+#   MSYS_LISTEN_HOST (default 127.0.0.1) is the interface the roles bind.
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+# The roles to run, in start order; a new role is one more word here.
+ROLES=${MSYS_ROLES:-"user order"}
+ROLE_TIMEOUT=${MSYS_ROLE_TIMEOUT:-60}
+
+export USER_POSTGRES_HOST=127.0.0.1 USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres
+export USER_POSTGRES_PORT=${USER_POSTGRES_PORT:-5434} USER_POSTGRES_DB=${USER_POSTGRES_DB:-users_db}
+export ORDER_POSTGRES_HOST=127.0.0.1 ORDER_POSTGRES_USER=postgres ORDER_POSTGRES_PASSWORD=postgres
+export ORDER_POSTGRES_PORT=${ORDER_POSTGRES_PORT:-5435} ORDER_POSTGRES_DB=${ORDER_POSTGRES_DB:-orders_db}
+export KAFKA_HOST=127.0.0.1 KAFKA_PORT=${KAFKA_PORT:-9093} USER_EVENTS_TOPIC=${USER_EVENTS_TOPIC:-user-events}
+export USER_SERVICE_PORT=${USER_SERVICE_PORT:-50051} ORDER_SERVICE_PORT=${ORDER_SERVICE_PORT:-50052}
+# Like the databases and the broker, the roles stay on loopback unless asked otherwise.
+export MSYS_LISTEN_HOST=${MSYS_LISTEN_HOST:-127.0.0.1}
+
+# Port each role serves on (the seed's numbers unless overridden).
+role_port() {
+  case $1 in
+    user) echo "$USER_SERVICE_PORT" ;;
+    order) echo "$ORDER_SERVICE_PORT" ;;
+    monitor) echo "${MONITOR_SERVICE_PORT:-50053}" ;;
+    frontend) echo "${FRONTEND_PORT:-80}" ;;
+    *) die "unknown role '$1' in MSYS_ROLES" ;;
+  esac
+}
+
+# gRPC roles answer grpc.health.v1 (SERVING only); the frontend is a web page.
+role_healthy() {
+  case $1 in
+    frontend) curl -fsS -o /dev/null "http://127.0.0.1:$2/" 2>/dev/null ;;
+    *) "$MSYS_BIN" health "127.0.0.1:$2" >/dev/null 2>&1 ;;
+  esac
+}
+
+# Fails before anything starts if this binary lacks a role or the events commands.
+check_binary() {
+  local role
+  for role in $ROLES events; do
+    "$MSYS_BIN" "$role" --help >/dev/null 2>&1 ||
+      die "$MSYS_BIN has no '$role' command (msys $role --help failed); set MSYS_ROLES to the roles it has"
+  done
+}
+
+# Starts the broker and makes sure the events topic exists with 3 partitions before any client
+# can auto-create it with the broker's default of 4.
+start_kafka() {
+  local out
+  start_nisshi "$STATE/kafka" "$KAFKA_PORT" "$LOGS/kafka.log" "$RUN/kafka.pid"
+  wait_until 30 "$MSYS_BIN" events list-topics >/dev/null 2>&1 ||
+    die_with_log "$LOGS/kafka.log" "msys events list-topics fails against 127.0.0.1:$KAFKA_PORT"
+  out=$("$MSYS_BIN" events create-topic --topic "$USER_EVENTS_TOPIC" --partitions 3 --replication-factor 1 2>&1) ||
+    die "msys events create-topic $USER_EVENTS_TOPIC failed: $out (broker log: $LOGS/kafka.log)"
+  out=$("$MSYS_BIN" events list-topics 2>&1) || die "msys events list-topics failed: $out"
+  awk -v t="$USER_EVENTS_TOPIC" '$1 == t && $2 == 3 { found = 1 } END { exit !found }' <<<"$out" ||
+    die "topic $USER_EVENTS_TOPIC does not have 3 partitions (list-topics says: $(grep "^$USER_EVENTS_TOPIC" <<<"$out" || echo nothing)); stop, delete $STATE/kafka and start again"
+}
+
+# Starts one role unless its pid file's process runs, then waits until it reports healthy.
+start_role() {
+  local role=$1 port pidfile=$RUN/role-$1.pid logf=$LOGS/$1.log
+  port=$(role_port "$role")
+  if pid_alive "$pidfile" "msys $role"; then
+    log "$role already running (pid $(<"$pidfile")) on 127.0.0.1:$port"
+    if [[ $MSYS_BIN -nt $pidfile ]]; then
+      warn "$MSYS_BIN is newer than the running $role; scripts/stop.sh && scripts/start.sh to run it"
+    fi
+  else
+    port_open "$port" && die "cannot start $role: 127.0.0.1:$port is taken by another process"
+    start_daemon "$pidfile" "$logf" "$STATE" "$MSYS_BIN" "$role" --port "$port"
+  fi
+  wait_until "$ROLE_TIMEOUT" daemon_check "$pidfile" "msys $role" "$logf" role_healthy "$role" "$port" ||
+    die_with_log "$logf" "$role is not healthy on 127.0.0.1:$port after ${ROLE_TIMEOUT}s"
+}
+
+# One aligned line of the summary: piece, address, where its data and log are.
+summary_row() { printf '  %-16s %-16s %s\n' "$@"; }
+
+# Where everything is, so nobody has to read this script to find a log.
+print_summary() {
+  local role
+  printf '\nmsys is up; state in %s\n' "$STATE"
+  summary_row "piece" "address" "data / log"
+  summary_row "postgres users" "127.0.0.1:$USER_POSTGRES_PORT" "$STATE/pg/users  $LOGS/postgres-users.log"
+  summary_row "postgres orders" "127.0.0.1:$ORDER_POSTGRES_PORT" "$STATE/pg/orders  $LOGS/postgres-orders.log"
+  summary_row "kafka (nisshi)" "127.0.0.1:$KAFKA_PORT" "$STATE/kafka  $LOGS/kafka.log  (topic $USER_EVENTS_TOPIC, 3 partitions)"
+  for role in $ROLES; do
+    summary_row "$role" "127.0.0.1:$(role_port "$role")" "$LOGS/$role.log  (pid $(<"$RUN/role-$role.pid"))"
+  done
+  cat <<EOF
+  psql:    PGPASSWORD=postgres psql -h 127.0.0.1 -p $USER_POSTGRES_PORT -U postgres $USER_POSTGRES_DB
+  events:  KAFKA_PORT=$KAFKA_PORT $MSYS_BIN events tail --from-beginning
+  health:  $MSYS_BIN health 127.0.0.1:$USER_SERVICE_PORT
+  stop:    $MSYS_ROOT/scripts/stop.sh   (keeps the data; delete $STATE to start from scratch)
+EOF
+}
+
+main() {
+  local build=build role
+  case ${1:-} in
+    --no-build) build=no-build ;;
+    -h | --help)
+      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+      return 0
+      ;;
+    '') ;;
+    *) die "unknown argument '$1' (try --help)" ;;
+  esac
+  STATE=$(msys_state_dir)
+  mkdir -p "$STATE"
+  STATE=$(cd "$STATE" && pwd)
+  LOGS=$STATE/log RUN=$STATE/run
+  mkdir -p "$LOGS" "$RUN" "$STATE/pg" "$STATE/kafka"
+  chmod 755 "$STATE" "$STATE/pg"
+
+  ensure_packages initdb:postgresql
+  ensure_nisshi
+  ensure_msys "$build"
+  check_binary
+
+  timed "postgres users" pg_start_cluster "$STATE/pg/users" "$USER_POSTGRES_PORT" \
+    "$MSYS_ROOT/config/postgres/users.conf" "$LOGS/postgres-users.log"
+  timed "postgres orders" pg_start_cluster "$STATE/pg/orders" "$ORDER_POSTGRES_PORT" \
+    "$MSYS_ROOT/config/postgres/orders.conf" "$LOGS/postgres-orders.log"
+  timed "kafka" start_kafka
+  for role in $ROLES; do
+    timed "role $role" start_role "$role"
+  done
+  print_summary
+}
+
+main "$@"
