@@ -46,19 +46,6 @@ teardown() {
   exit "$status"
 }
 
-# Builds both binaries before anything runs, so compilation does not compete with the loads. The
-# load generator is then run directly rather than through `cargo bench -- ...`, so that a source
-# edit during the run cannot trigger a rebuild in the middle of the measurements.
-build_all() {
-  local json
-  ensure_msys build
-  log "cargo bench --bench user_load --no-run"
-  json=$(cd "$MSYS_ROOT" && cargo bench --bench user_load --no-run --message-format=json-render-diagnostics) ||
-    die "building benches/user_load.rs failed (compiler output above)"
-  LOAD_BIN=$(sed -n 's/.*"executable":"\([^"]*user_load[^"]*\)".*/\1/p' <<<"$json" | tail -n 1)
-  [[ -x $LOAD_BIN ]] || die "cargo bench --no-run did not report the user_load executable"
-}
-
 # SERVING on grpc.health.v1, the same check start.sh uses.
 role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
 
@@ -200,7 +187,7 @@ main() {
   timed "packages" ensure_packages initdb:postgresql pgbench:postgresql h2load:nghttp2-client nghttp:nghttp2-client
   timed "nisshi" ensure_nisshi
   find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
-  timed "build" build_all
+  timed "build" build_msys_and_load
 
   make_throwaway_dir TMP msys-bench
   log "stack in $TMP"

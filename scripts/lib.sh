@@ -427,3 +427,16 @@ make_throwaway_dir() {
   mkdir -p "$dir/pg" "$dir/log" "$dir/run" "$dir/kafka"
   printf -v "$var" '%s' "$dir"
 }
+
+# Builds both binaries before anything runs, so compilation does not compete with the loads. The
+# load generator is then run directly rather than through `cargo bench -- ...`, so that a source
+# edit during the run cannot trigger a rebuild in the middle of the measurements.
+build_msys_and_load() {
+  local json
+  ensure_msys build
+  log "cargo bench --bench user_load --no-run"
+  json=$(cd "$MSYS_ROOT" && cargo bench --bench user_load --no-run --message-format=json-render-diagnostics) ||
+    die "building benches/user_load.rs failed (compiler output above)"
+  LOAD_BIN=$(sed -n 's/.*"executable":"\([^"]*user_load[^"]*\)".*/\1/p' <<<"$json" | tail -n 1)
+  [[ -x $LOAD_BIN ]] || die "cargo bench --no-run did not report the user_load executable"
+}

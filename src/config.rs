@@ -29,7 +29,7 @@ macro_rules! postgres_args {
             pub dbname: String,
             /// Upper bound on connections this process opens; requests beyond it
             /// wait (bounded by the pool timeout) instead of overloading PostgreSQL.
-            #[arg(id = $pool, long = $pool, value_name = "N", env = $pool_env, default_value_t = 16)]
+            #[arg(id = $pool, long = $pool, value_name = "N", env = $pool_env, default_value_t = 32)]
             pub pool_size: usize,
         }
 

@@ -79,6 +79,10 @@ impl Replica {
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
             .set("session.timeout.ms", "10000")
+            // Bounds how long a fetch waits for data: measured here, the
+            // broker answers a waiting fetch only when this expires, so it
+            // is the floor of the event lag (500 ms by default).
+            .set("fetch.wait.max.ms", "50")
             .create_with_context(ReplicaContext { metrics: metrics.clone() })
             .context("creating the Kafka consumer")?;
         let dlq = kafka::producer(&kafka, "msys-order-dlq", Duration::from_secs(30))?;
