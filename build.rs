@@ -15,9 +15,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     ];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure()
-        .file_descriptor_set_path(out_dir.join("msys_descriptor.bin"))
-        .compile_with_config(config, &protos, &["proto"])?;
+    tonic_prost_build::configure().file_descriptor_set_path(out_dir.join("msys_descriptor.bin")).compile_with_config(
+        config,
+        &protos,
+        &["proto"],
+    )?;
     println!("cargo:rerun-if-changed=proto");
     Ok(())
 }

@@ -12,9 +12,8 @@ use rdkafka::{
 };
 
 use crate::support::{
-    Flow, KNOWN_USERS, TestResult, USERS_TABLE, create_topic, eventually, fresh_database, header, kafka_args, metric,
-    orders_port, read_all, shared_broker, spawn_role, sql, start_order, start_user, unique, user_args, user_rows,
-    users_port, wait_until_replica_matches,
+    Flow, KNOWN_USERS, TestResult, USERS_TABLE, eventually, header, kafka_args, metric, read_all, shared_broker,
+    spawn_role, sql, start_order, unique, user_rows, wait_until_replica_matches,
 };
 
 /// Everything the replica produced, to compare before and after.
@@ -239,12 +238,7 @@ async fn two_order_processes_share_the_partitions_and_apply_each_event_once() ->
 
 #[tokio::test]
 async fn killing_the_order_role_mid_burst_leaves_the_replica_exact() -> TestResult {
-    crate::support::init_logging();
-    let users_db = fresh_database(users_port());
-    let orders_db = fresh_database(orders_port());
-    let kafka = kafka_args(&shared_broker(), &unique("user-events"));
-    create_topic(&kafka).await;
-    let user = start_user(user_args(&users_db, &kafka)).await;
+    let crate::support::UsersSide { users_db, orders_db, kafka, user } = crate::support::UsersSide::start().await;
     let users = pb::user_service_client::UserServiceClient::new(user.channel().await);
 
     // A burst of 3000 events waits on the topic before the consumer starts.

@@ -10,8 +10,8 @@ use rdkafka::{
 };
 
 use crate::support::{
-    TestResult, create_topic, eventually, free_port, fresh_database, kafka_args, metric, orders_port, shared_broker,
-    spawn_role, start_user, unique, user_args, users_port, wait_until_replica_matches,
+    TestResult, create_topic, eventually, free_port, fresh_database, kafka_args, metric, shared_broker, spawn_role,
+    unique, users_port, wait_until_replica_matches,
 };
 
 fn sigterm(child: &tokio::process::Child) {
@@ -22,12 +22,7 @@ fn sigterm(child: &tokio::process::Child) {
 
 #[tokio::test]
 async fn sigterm_drains_in_flight_orders_then_commits_offsets_and_exits_cleanly() -> TestResult {
-    crate::support::init_logging();
-    let users_db = fresh_database(users_port());
-    let orders_db = fresh_database(orders_port());
-    let kafka = kafka_args(&shared_broker(), &unique("user-events"));
-    create_topic(&kafka).await;
-    let user = start_user(user_args(&users_db, &kafka)).await;
+    let crate::support::UsersSide { users_db, orders_db, kafka, user } = crate::support::UsersSide::start().await;
     let mut users = pb::user_service_client::UserServiceClient::new(user.channel().await);
     let group = unique("order-service");
     let port = free_port();

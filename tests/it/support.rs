@@ -576,3 +576,24 @@ pub async fn wait_for_assignment(order: &RunningRole, partitions: i64) {
     })
     .await;
 }
+
+/// The user role running in-process on fresh databases and a fresh topic,
+/// for tests that run the order role as a process of its own.
+pub struct UsersSide {
+    pub users_db: PostgresSettings,
+    pub orders_db: PostgresSettings,
+    pub kafka: KafkaArgs,
+    pub user: RunningRole,
+}
+
+impl UsersSide {
+    pub async fn start() -> Self {
+        init_logging();
+        let users_db = fresh_database(users_port());
+        let orders_db = fresh_database(orders_port());
+        let kafka = kafka_args(&shared_broker(), &unique("user-events"));
+        create_topic(&kafka).await;
+        let user = start_user(user_args(&users_db, &kafka)).await;
+        UsersSide { users_db, orders_db, kafka, user }
+    }
+}
