@@ -46,6 +46,8 @@ role_port() {
 role_healthy() {
   case $1 in
     frontend) curl -fsS -o /dev/null "http://127.0.0.1:$2/" 2>/dev/null ;;
+    # Ready, not just alive: the order service reports SERVING once its consumer joined its group.
+    order) "$MSYS_BIN" health "127.0.0.1:$2" --service msys.v1.OrderService >/dev/null 2>&1 ;;
     *) "$MSYS_BIN" health "127.0.0.1:$2" >/dev/null 2>&1 ;;
   esac
 }

@@ -73,14 +73,26 @@ pub async fn set_health(reporter: &HealthReporter, services: &[&str], serving: b
     }
 }
 
-/// Keeps a role's health true to `probe` (is the role's database
-/// answering?), checking once a second until `shutdown`; logs transitions.
+/// What a role's health watcher learns each second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The role's database answers: the whole server (`""`) is SERVING.
+    pub database: bool,
+    /// The role can do its work, e.g. the order role's consumer has joined
+    /// its group: the role's own service is SERVING when this and
+    /// `database` hold. Liveness checks the server, readiness the service,
+    /// so a broker outage at start delays readiness without restarts.
+    pub ready: bool,
+}
+
+/// Keeps a role's health true to `probe`, checking once a second until
+/// `shutdown`; logs every transition.
 pub async fn watch_health<F, Fut>(reporter: HealthReporter, service: &str, shutdown: CancellationToken, mut probe: F)
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
+    Fut: std::future::Future<Output = Probe>,
 {
-    let mut serving = None;
+    let mut last: Option<Probe> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -88,16 +100,22 @@ where
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let up = probe().await;
-        if serving != Some(up) {
-            if up {
-                tracing::info!(service, "database reachable: SERVING");
+        let now = probe().await;
+        if last.map(|l| l.database) != Some(now.database) {
+            if now.database {
+                tracing::info!("database reachable: server SERVING");
             } else {
-                tracing::warn!(service, "database unreachable: NOT_SERVING");
+                tracing::warn!("database unreachable: server NOT_SERVING");
             }
-            set_health(&reporter, &[service], up).await;
-            serving = Some(up);
+            set_health(&reporter, &[], now.database).await;
         }
+        let serving = now.database && now.ready;
+        if last.map(|l| l.database && l.ready) != Some(serving) {
+            tracing::info!(service, serving, "service readiness changed");
+            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+            reporter.set_service_status(service, status).await;
+        }
+        last = Some(now);
     }
 }
 

@@ -104,11 +104,16 @@ impl OrderRole {
 
         let tasks = TaskTracker::new();
         let background = shutdown.child_token();
-        // SERVING while the orders database answers; the broker is not part
-        // of it (see the user role for why).
+        // The server is SERVING while the orders database answers; the
+        // OrderService once the consumer has joined its group too, so
+        // "ready" means CreateOrder sees users as soon as they are created.
+        let joined = replica.joined();
         let probe = move || {
-            let pool = pool.clone();
-            async move { db::ping(&pool, Duration::from_secs(2)).await }
+            let (pool, joined) = (pool.clone(), joined.clone());
+            async move {
+                let database = db::ping(&pool, Duration::from_secs(2)).await;
+                grpc::Probe { database, ready: joined.load(std::sync::atomic::Ordering::Relaxed) }
+            }
         };
         tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));
         let consumer_stop = CancellationToken::new();

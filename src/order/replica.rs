@@ -14,7 +14,13 @@
 //! consumption goes on. Nothing is ever skipped silently: if the DLQ cannot
 //! take it, the consumer retries rather than move past it.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -36,9 +42,12 @@ pub struct ReplicaSettings {
     pub dlq_topic: String,
 }
 
-/// Keeps the `partitions_assigned` gauge true to the group's decisions.
+/// Keeps the `partitions_assigned` gauge true to the group's decisions and
+/// records that the consumer has joined its group (an assignment, even an
+/// empty one when there are more members than partitions).
 pub struct ReplicaContext {
     metrics: Registry,
+    joined: Arc<AtomicBool>,
 }
 
 impl ClientContext for ReplicaContext {}
@@ -47,6 +56,7 @@ impl ConsumerContext for ReplicaContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
+                self.joined.store(true, Ordering::Relaxed);
                 tracing::info!(partitions = partitions.count(), "partitions assigned");
                 self.metrics.set("partitions_assigned", partitions.count() as i64);
             }
@@ -83,10 +93,15 @@ impl Replica {
             // broker answers a waiting fetch only when this expires, so it
             // is the floor of the event lag (500 ms by default).
             .set("fetch.wait.max.ms", "50")
-            .create_with_context(ReplicaContext { metrics: metrics.clone() })
+            .create_with_context(ReplicaContext { metrics: metrics.clone(), joined: Arc::new(AtomicBool::new(false)) })
             .context("creating the Kafka consumer")?;
         let dlq = kafka::producer(&kafka, "msys-order-dlq", Duration::from_secs(30))?;
         Ok(Replica { pool, kafka, settings, consumer, dlq, applied: Arc::new(Notify::new()), metrics })
+    }
+
+    /// Whether the consumer has joined its group at least once.
+    pub fn joined(&self) -> Arc<AtomicBool> {
+        self.consumer.context().joined.clone()
     }
 
     /// Rung after every applied event: CreateOrder waits on it for a user

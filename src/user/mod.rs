@@ -116,7 +116,8 @@ impl UserRole {
                 if let Some(n) = pending {
                     gauge.set("outbox_pending", n);
                 }
-                pending.is_some()
+                let up = pending.is_some();
+                grpc::Probe { database: up, ready: up }
             }
         };
         tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));

@@ -177,3 +177,38 @@ async fn msys_all_runs_both_roles_in_one_process() -> TestResult {
     tokio::time::timeout(Duration::from_secs(20), process).await???;
     Ok(())
 }
+
+#[tokio::test]
+async fn the_order_service_is_ready_only_once_its_consumer_joined_the_group() -> TestResult {
+    use crate::support::*;
+    init_logging();
+    let check = |addr: String, service: &'static str| async move {
+        msys::grpc::check_health(&addr, service, Duration::from_secs(2)).await.ok()
+    };
+
+    // No broker at all: the server lives (its database answers), the service is not ready.
+    let unreachable = kafka_args(&format!("127.0.0.1:{}", free_port()), "user-events");
+    let lonely = start_order(order_args(&fresh_database(orders_port()), &unreachable, "order-service")).await;
+    let addr = lonely.addr.to_string();
+    eventually(Duration::from_secs(10), "the server is SERVING", || {
+        let addr = addr.clone();
+        async move { (check(addr, "").await.as_deref() == Some("SERVING")).then_some(()) }
+    })
+    .await;
+    assert_eq!(check(addr.clone(), "msys.v1.OrderService").await.as_deref(), Some("NOT_SERVING"));
+    lonely.stop().await;
+
+    // With the broker: ready means the partitions are held.
+    let kafka = kafka_args(&shared_broker(), &unique("user-events"));
+    create_topic(&kafka).await;
+    let order = start_order(order_args(&fresh_database(orders_port()), &kafka, &unique("order-service"))).await;
+    let addr = order.addr.to_string();
+    eventually(Duration::from_secs(30), "the OrderService is SERVING", || {
+        let addr = addr.clone();
+        async move { (check(addr, "msys.v1.OrderService").await.as_deref() == Some("SERVING")).then_some(()) }
+    })
+    .await;
+    assert_eq!(metric(order.channel().await, "partitions_assigned").await, 3);
+    order.stop().await;
+    Ok(())
+}
