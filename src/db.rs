@@ -23,6 +23,9 @@ pub enum DbError {
     /// The server answered with an error for this statement.
     #[error("query failed")]
     Query(#[source] tokio_postgres::Error),
+    /// A column did not hold what the schema promises.
+    #[error("column {0} could not be read")]
+    Decode(String, #[source] tokio_postgres::Error),
 }
 
 impl From<deadpool_postgres::PoolError> for DbError {
@@ -48,9 +51,15 @@ impl DbError {
     pub fn code(&self) -> Option<&SqlState> {
         match self {
             DbError::Query(e) => e.code(),
-            DbError::Unavailable(_) => None,
+            DbError::Unavailable(_) | DbError::Decode(..) => None,
         }
     }
+}
+
+/// One column of a row, or an error naming it: a schema drift must reach
+/// the client as an error, never as a panic in the handler.
+pub fn col<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a tokio_postgres::Row, name: &str) -> Result<T, DbError> {
+    row.try_get(name).map_err(|e| DbError::Decode(name.to_owned(), e))
 }
 
 fn pg_config(settings: &PostgresSettings, dbname: &str) -> tokio_postgres::Config {

@@ -39,6 +39,9 @@ impl From<DbError> for ServiceError {
             DbError::Unavailable(source) => {
                 ServiceError::Unavailable("database unavailable, try again".into(), Some(source))
             }
+            DbError::Decode(column, source) => {
+                ServiceError::Unexpected(anyhow::Error::new(source).context(format!("reading column {column}")))
+            }
             DbError::Query(source) => {
                 ServiceError::Unexpected(anyhow::Error::new(source).context("database query failed"))
             }

@@ -39,8 +39,12 @@ pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize>
          )",
     )
     .await?;
-    let applied: Vec<i32> =
-        tx.query("SELECT version FROM schema_migrations", &[]).await?.iter().map(|row| row.get(0)).collect();
+    let applied: Vec<i32> = tx
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
     let mut count = 0;
     for migration in migrations.iter().filter(|m| !applied.contains(&m.version)) {
         tx.batch_execute(migration.sql)

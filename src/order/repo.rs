@@ -9,7 +9,12 @@ use deadpool_postgres::Pool;
 use tokio_postgres::Row;
 
 use super::domain::{NewOrder, status_from_db};
-use crate::{db::DbError, error::ServiceError, pb, validate::Page};
+use crate::{
+    db::{DbError, col},
+    error::ServiceError,
+    pb,
+    validate::Page,
+};
 
 const PLACE: &str = "
 WITH u AS (
@@ -44,20 +49,20 @@ pub enum Placement {
     DeletedUser,
 }
 
-fn order_from_row(row: &Row) -> pb::Order {
-    let created_at: SystemTime = row.get("created_at");
-    let updated_at: SystemTime = row.get("updated_at");
-    let status: String = row.get("status");
-    pb::Order {
-        id: row.get("id"),
-        user_id: row.get("user_id"),
-        product: row.get("product"),
-        quantity: row.get("quantity"),
+fn order_from_row(row: &Row) -> Result<pb::Order, DbError> {
+    let created_at: SystemTime = col(row, "created_at")?;
+    let updated_at: SystemTime = col(row, "updated_at")?;
+    let status: String = col(row, "status")?;
+    Ok(pb::Order {
+        id: col(row, "id")?,
+        user_id: col(row, "user_id")?,
+        product: col(row, "product")?,
+        quantity: col(row, "quantity")?,
         status: status_from_db(&status).into(),
         created_at: Some(created_at.into()),
         updated_at: Some(updated_at.into()),
-        cancel_reason: row.get("cancel_reason"),
-    }
+        cancel_reason: col(row, "cancel_reason")?,
+    })
 }
 
 pub async fn place(pool: &Pool, order: &NewOrder) -> Result<Placement, ServiceError> {
@@ -68,7 +73,7 @@ pub async fn place(pool: &Pool, order: &NewOrder) -> Result<Placement, ServiceEr
         .await
         .map_err(DbError::from)?;
     if let Some(row) = placed {
-        return Ok(Placement::Placed(order_from_row(&row)));
+        return Ok(Placement::Placed(order_from_row(&row)?));
     }
     let deleted = client
         .query_opt("SELECT 1 FROM deleted_users WHERE user_id = $1", &[&order.user_id])
@@ -82,7 +87,7 @@ pub async fn get(pool: &Pool, id: i64) -> Result<pb::Order, ServiceError> {
     let statement =
         client.prepare_cached(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).await.map_err(DbError::from)?;
     let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
-    row.map(|r| order_from_row(&r)).ok_or_else(|| not_found(id))
+    Ok(order_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
 /// One page of a user's orders, newest first.
@@ -97,7 +102,7 @@ pub async fn list(pool: &Pool, user_id: i64, page: Page) -> Result<(Vec<pb::Orde
     let before = page.after.unwrap_or(i64::MAX);
     let limit = i64::from(page.size) + 1;
     let rows = client.query(&statement, &[&user_id, &before, &limit]).await.map_err(DbError::from)?;
-    let mut orders: Vec<pb::Order> = rows.iter().map(order_from_row).collect();
+    let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>, _>>()?;
     let next = page.cut(&mut orders, |o| o.id);
     Ok((orders, next))
 }
@@ -106,7 +111,7 @@ pub async fn cancel(pool: &Pool, id: i64, reason: &str) -> Result<pb::Order, Ser
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(CANCEL).await.map_err(DbError::from)?;
     let row = client.query_opt(&statement, &[&id, &reason]).await.map_err(DbError::from)?;
-    row.map(|r| order_from_row(&r)).ok_or_else(|| not_found(id))
+    Ok(order_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
 fn not_found(id: i64) -> ServiceError {

@@ -24,7 +24,13 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::{config::KafkaArgs, events, kafka, metrics::Registry, pb};
+use crate::{
+    config::KafkaArgs,
+    db::{DbError, col},
+    events, kafka,
+    metrics::Registry,
+    pb,
+};
 
 /// Key of the advisory lock held by the publishing relay ("msysoutb").
 const RELAY_LOCK: i64 = 0x6d73_7973_6f75_7462;
@@ -93,7 +99,7 @@ impl Relay {
     pub async fn relay_once(&mut self) -> anyhow::Result<RelayOutcome> {
         let mut client = self.pool.get().await.context("connecting to the users database")?;
         let tx = client.transaction().await?;
-        let leader: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?.get(0);
+        let leader: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?.try_get(0)?;
         if !leader {
             return Ok(RelayOutcome::NotLeader);
         }
@@ -101,7 +107,7 @@ impl Relay {
         if rows.is_empty() {
             return Ok(RelayOutcome::Idle);
         }
-        let pending: Vec<Pending> = rows.iter().map(pending_from_row).collect();
+        let pending = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
         let delivered = self.send_in_order(&pending).await;
         let published: Vec<i64> = delivered.iter().map(|p| p.id).collect();
         tx.execute("UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)", &[&published]).await?;
@@ -265,28 +271,28 @@ fn backoff_step(backoff: &mut Duration) -> Duration {
     now
 }
 
-fn pending_from_row(row: &tokio_postgres::Row) -> Pending {
-    let ts = |name: &str| -> Option<prost_types::Timestamp> {
-        let time: std::time::SystemTime = row.get(name);
-        Some(time.into())
+fn pending_from_row(row: &tokio_postgres::Row) -> Result<Pending, DbError> {
+    let ts = |name: &str| -> Result<Option<prost_types::Timestamp>, DbError> {
+        let time: std::time::SystemTime = col(row, name)?;
+        Ok(Some(time.into()))
     };
-    let event_id: Uuid = row.get("event_id");
-    let user_id: i64 = row.get("user_id");
-    Pending {
-        id: row.get("id"),
+    let event_id: Uuid = col(row, "event_id")?;
+    let user_id: i64 = col(row, "user_id")?;
+    Ok(Pending {
+        id: col(row, "id")?,
         user_id,
         event: pb::UserEvent {
             event_id: event_id.to_string(),
-            r#type: row.get("event_type"),
+            r#type: col(row, "event_type")?,
             user: Some(pb::User {
                 id: user_id,
-                name: row.get("user_name"),
-                email: row.get("user_email"),
-                version: row.get("user_version"),
-                created_at: ts("user_created_at"),
-                updated_at: ts("user_updated_at"),
+                name: col(row, "user_name")?,
+                email: col(row, "user_email")?,
+                version: col(row, "user_version")?,
+                created_at: ts("user_created_at")?,
+                updated_at: ts("user_updated_at")?,
             }),
-            occurred_at: ts("occurred_at"),
+            occurred_at: ts("occurred_at")?,
         },
-    }
+    })
 }

@@ -9,7 +9,13 @@ use deadpool_postgres::Pool;
 use tokio_postgres::{Row, error::SqlState};
 
 use super::domain::{Email, UserChanges, UserName};
-use crate::{db::DbError, error::ServiceError, events::EventType, pb, validate::Page};
+use crate::{
+    db::{DbError, col},
+    error::ServiceError,
+    events::EventType,
+    pb,
+    validate::Page,
+};
 
 const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 
@@ -51,17 +57,17 @@ WITH u AS (
 )
 SELECT id FROM u";
 
-fn user_from_row(row: &Row) -> pb::User {
-    let created_at: SystemTime = row.get("created_at");
-    let updated_at: SystemTime = row.get("updated_at");
-    pb::User {
-        id: row.get("id"),
-        name: row.get("name"),
-        email: row.get("email"),
-        version: row.get("version"),
+fn user_from_row(row: &Row) -> Result<pb::User, DbError> {
+    let created_at: SystemTime = col(row, "created_at")?;
+    let updated_at: SystemTime = col(row, "updated_at")?;
+    Ok(pb::User {
+        id: col(row, "id")?,
+        name: col(row, "name")?,
+        email: col(row, "email")?,
+        version: col(row, "version")?,
         created_at: Some(created_at.into()),
         updated_at: Some(updated_at.into()),
-    }
+    })
 }
 
 /// Turns a failed write into what the client should hear.
@@ -81,7 +87,7 @@ pub async fn create(pool: &Pool, name: &UserName, email: &Email) -> Result<pb::U
         .query_one(&statement, &[&name.as_str(), &email.as_str(), &EventType::Created.as_str()])
         .await
         .map_err(|e| write_error(e, Some(email)))?;
-    Ok(user_from_row(&row))
+    Ok(user_from_row(&row)?)
 }
 
 pub async fn get(pool: &Pool, id: i64) -> Result<pb::User, ServiceError> {
@@ -89,7 +95,7 @@ pub async fn get(pool: &Pool, id: i64) -> Result<pb::User, ServiceError> {
     let statement =
         client.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = $1")).await.map_err(DbError::from)?;
     let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
-    row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
+    Ok(user_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
 /// One page of users by ascending id, and the token of the next page if any.
@@ -103,7 +109,7 @@ pub async fn list(pool: &Pool, page: Page) -> Result<(Vec<pb::User>, Option<Stri
     let limit = i64::from(page.size) + 1;
     let after = page.after.unwrap_or(0);
     let rows = client.query(&statement, &[&after, &limit]).await.map_err(DbError::from)?;
-    let mut users: Vec<pb::User> = rows.iter().map(user_from_row).collect();
+    let mut users = rows.iter().map(user_from_row).collect::<Result<Vec<_>, _>>()?;
     let next = page.cut(&mut users, |u| u.id);
     Ok((users, next))
 }
@@ -117,7 +123,7 @@ pub async fn update(pool: &Pool, id: i64, changes: &UserChanges) -> Result<pb::U
         .query_opt(&statement, &[&id, &name, &email, &EventType::Updated.as_str()])
         .await
         .map_err(|e| write_error(e, changes.email.as_ref()))?;
-    row.map(|r| user_from_row(&r)).ok_or_else(|| not_found(id))
+    Ok(user_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
 pub async fn delete(pool: &Pool, id: i64) -> Result<(), ServiceError> {
