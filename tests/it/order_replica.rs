@@ -294,3 +294,36 @@ async fn sql_when_ready(db: &msys::config::PostgresSettings) -> tokio_postgres::
     })
     .await
 }
+
+#[tokio::test]
+async fn the_replica_catches_up_after_the_broker_comes_back() -> TestResult {
+    use crate::support::{
+        DedicatedBroker, create_topic, fresh_database, orders_port, start_user, user_args, users_port,
+    };
+    crate::support::init_logging();
+    let mut broker = DedicatedBroker::start().await;
+    let kafka = kafka_args(&broker.addr, "user-events");
+    create_topic(&kafka).await;
+    let (users_db, orders_db) = (fresh_database(users_port()), fresh_database(orders_port()));
+    let user = start_user(user_args(&users_db, &kafka)).await;
+    let order = start_order(crate::support::order_args(&orders_db, &kafka, "order-service")).await;
+    crate::support::wait_for_assignment(&order, 3).await;
+    let mut users = pb::user_service_client::UserServiceClient::new(user.channel().await);
+    let create = |i: usize| pb::CreateUserRequest { name: format!("u{i}"), email: format!("u{i}@example.org") };
+    for i in 0..10 {
+        users.create_user(create(i)).await?;
+    }
+    wait_until_replica_matches(&users_db, &orders_db).await;
+
+    broker.kill();
+    for i in 10..30 {
+        users.create_user(create(i)).await.expect("creates succeed while the broker is down");
+    }
+    broker.resume().await;
+    wait_until_replica_matches(&users_db, &orders_db).await;
+    let applied: i64 = sql(&orders_db).await.query_one("SELECT count(*) FROM applied_events", &[]).await?.get(0);
+    assert_eq!(applied, 30, "every event applied once across the outage");
+    order.stop().await;
+    user.stop().await;
+    Ok(())
+}
