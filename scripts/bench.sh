@@ -196,9 +196,7 @@ main() {
     "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
   free_port KAFKA_PORT
   timed "broker" start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
-  KAFKA_HOST=127.0.0.1 KAFKA_PORT=$KAFKA_PORT "$MSYS_BIN" events create-topic --topic user-events \
-    --partitions 3 --replication-factor 1 >>"$TMP/log/kafka.log" 2>&1 ||
-    die_with_log "$TMP/log/kafka.log" "msys events create-topic user-events failed"
+  create_user_events_topic "$KAFKA_PORT" "$TMP/log/kafka.log"
   free_port USER_PORT
   timed "msys user" start_user_role
 

@@ -440,3 +440,12 @@ build_msys_and_load() {
   LOAD_BIN=$(sed -n 's/.*"executable":"\([^"]*user_load[^"]*\)".*/\1/p' <<<"$json" | tail -n 1)
   [[ -x $LOAD_BIN ]] || die "cargo bench --no-run did not report the user_load executable"
 }
+
+# Creates user-events with its 3 partitions on the broker at 127.0.0.1:PORT before any client can
+# auto-create it with the broker's default count; failures point at the broker's LOG.
+create_user_events_topic() {
+  local port=$1 log=$2
+  KAFKA_HOST=127.0.0.1 KAFKA_PORT=$port "$MSYS_BIN" events create-topic --topic user-events \
+    --partitions 3 --replication-factor 1 >>"$log" 2>&1 ||
+    die_with_log "$log" "msys events create-topic user-events failed"
+}

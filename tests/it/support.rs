@@ -497,13 +497,8 @@ pub struct Flow {
 
 impl Flow {
     pub async fn start() -> Self {
-        init_logging();
-        let users_db = fresh_database(users_port());
-        let orders_db = fresh_database(orders_port());
-        let kafka = kafka_args(&shared_broker(), &unique("user-events"));
-        create_topic(&kafka).await;
+        let UsersSide { users_db, orders_db, kafka, user } = UsersSide::start().await;
         let group = unique("order-service");
-        let user = start_user(user_args(&users_db, &kafka)).await;
         let order = start_order(order_args(&orders_db, &kafka, &group)).await;
         wait_for_assignment(&order, 3).await;
         let users = UserServiceClient::new(user.channel().await);
