@@ -8,7 +8,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use crate::{
     config::{KafkaArgs, OrderPostgresArgs, ServerArgs, UserPostgresArgs},
     order::{self, OrderArgs, ReplicaArgs},
-    user::{self, RelayArgs, UserArgs},
+    user::{self, BatchArgs, RelayArgs, UserArgs},
 };
 
 /// The roles' settings, with the shared groups (Kafka, server) given once.
@@ -29,6 +29,8 @@ pub struct AllArgs {
     #[command(flatten)]
     pub relay: RelayArgs,
     #[command(flatten)]
+    pub batch: BatchArgs,
+    #[command(flatten)]
     pub replica: ReplicaArgs,
 }
 
@@ -42,6 +44,7 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         kafka: args.kafka.clone(),
         server: args.server.clone(),
         relay: args.relay,
+        batch: args.batch,
     };
     let order_args = OrderArgs {
         port: args.order_port,

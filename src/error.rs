@@ -3,6 +3,8 @@
 //! sees it. Unexpected failures are logged here with their whole cause chain
 //! and reach the client only as a generic message.
 
+use std::sync::Arc;
+
 use tonic::{Code, Status};
 
 use crate::db::DbError;
@@ -25,6 +27,9 @@ pub enum ServiceError {
     Unavailable(String, #[source] Option<anyhow::Error>),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
+    /// One failure answered to every request of a batch (see `batch`).
+    #[error(transparent)]
+    Shared(Arc<ServiceError>),
 }
 
 impl ServiceError {
@@ -51,24 +56,30 @@ impl From<DbError> for ServiceError {
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
-        let code = match &error {
-            ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
-            ServiceError::NotFound(_) => Code::NotFound,
-            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
-            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
-            ServiceError::Unavailable(..) => Code::Unavailable,
-            ServiceError::Unexpected(_) => Code::Internal,
-        };
-        match &error {
-            ServiceError::Unexpected(cause) => {
-                tracing::error!(error.message = %cause, error.cause_chain = ?cause, "request failed unexpectedly");
-                Status::internal("internal error; the server log has the details")
-            }
-            ServiceError::Unavailable(message, cause) => {
-                tracing::warn!(error.message = %message, error.cause_chain = ?cause, "dependency unavailable");
-                Status::unavailable(message.clone())
-            }
-            _ => Status::new(code, error.to_string()),
+        status(&error)
+    }
+}
+
+/// The one mapping from what went wrong to what the client hears.
+fn status(error: &ServiceError) -> Status {
+    let code = match error {
+        ServiceError::InvalidArgument { .. } => Code::InvalidArgument,
+        ServiceError::NotFound(_) => Code::NotFound,
+        ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+        ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ServiceError::Unavailable(..) => Code::Unavailable,
+        ServiceError::Unexpected(_) => Code::Internal,
+        ServiceError::Shared(inner) => return status(inner),
+    };
+    match error {
+        ServiceError::Unexpected(cause) => {
+            tracing::error!(error.message = %cause, error.cause_chain = ?cause, "request failed unexpectedly");
+            Status::internal("internal error; the server log has the details")
         }
+        ServiceError::Unavailable(message, cause) => {
+            tracing::warn!(error.message = %message, error.cause_chain = ?cause, "dependency unavailable");
+            Status::unavailable(message.clone())
+        }
+        _ => Status::new(code, error.to_string()),
     }
 }

@@ -4,6 +4,7 @@
 //! them the same way.
 
 pub mod all;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod db;

@@ -17,6 +17,7 @@ use tonic::service::Routes;
 
 use self::outbox::{Relay, RelaySettings};
 use crate::{
+    batch::BatchLimits,
     config::{KafkaArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
     db, grpc,
     metrics::Registry,
@@ -39,6 +40,26 @@ pub struct UserArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub relay: RelayArgs,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+/// How concurrent CreateUser and GetUser calls share statements (see `batch`).
+#[derive(Args, Debug, Clone)]
+pub struct BatchArgs {
+    /// Calls sent to PostgreSQL as one statement at most; 1 sends each alone.
+    #[arg(long, env = "USER_BATCH_MAX", default_value_t = 128)]
+    pub batch_max: usize,
+    /// Statements of each kind (creates, reads) at PostgreSQL at once; each
+    /// holds a pooled connection while it runs.
+    #[arg(long, env = "USER_BATCH_IN_FLIGHT", default_value_t = 4)]
+    pub batch_in_flight: usize,
+}
+
+impl From<&BatchArgs> for BatchLimits {
+    fn from(a: &BatchArgs) -> Self {
+        BatchLimits { max_batch: a.batch_max.max(1), in_flight: a.batch_in_flight.max(1) }
+    }
 }
 
 /// The outbox relay's knobs.
@@ -72,6 +93,7 @@ pub struct UserRole {
     pool: Pool,
     relay: Relay,
     metrics: Registry,
+    batch: BatchLimits,
     grace: Duration,
 }
 
@@ -84,7 +106,7 @@ impl UserRole {
         let metrics = Registry::new("user");
         let relay = Relay::new(pool.clone(), args.kafka.clone(), (&args.relay).into(), metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
-        Ok(UserRole { listener, pool, relay, metrics, grace: args.server.shutdown_grace })
+        Ok(UserRole { listener, pool, relay, metrics, batch: (&args.batch).into(), grace: args.server.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -94,11 +116,11 @@ impl UserRole {
     /// Serves and relays until `shutdown`; then drains RPCs, stops the relay
     /// and flushes the producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let UserRole { listener, pool, relay, metrics, grace } = self;
+        let UserRole { listener, pool, relay, metrics, batch, grace } = self;
         tracing::info!(addr = %listener.local_addr()?, "user service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
-        let api = service::UserApi::new(pool.clone(), relay.waker());
+        let api = service::UserApi::new(pool.clone(), relay.waker(), batch, metrics.clone());
         let routes = Routes::new(health).add_service(UserServiceServer::new(api));
 
         let tasks = TaskTracker::new();

@@ -3,7 +3,11 @@
 //! single round trip: there is no moment at which a user changed and its
 //! event does not exist, or the other way round.
 
-use std::time::SystemTime;
+use std::{
+    collections::{HashMap, hash_map::Entry},
+    sync::Arc,
+    time::SystemTime,
+};
 
 use deadpool_postgres::Pool;
 use tokio_postgres::{Row, error::SqlState};
@@ -19,15 +23,23 @@ use crate::{
 
 const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 
-/// `$1` name, `$2` email, `$3` event type. `scripts/bench/create_user.sql`
-/// runs the same statement under pgbench; keep them in step.
+/// Creates a batch of users: `$1` names, `$2` emails (arrays of one length),
+/// `$3` event type. A row whose email is taken (by an existing user or by an
+/// earlier row of the same batch, whatever the case) is skipped rather than
+/// failing the others; its absence from the result is its answer.
+/// `scripts/bench/create_user.sql` runs the same statement under pgbench;
+/// keep them in step.
 const CREATE: &str = "
-WITH u AS (
-    INSERT INTO users (name, email) VALUES ($1, $2)
+WITH input AS (
+    SELECT name, email, ord FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(name, email, ord)
+), u AS (
+    INSERT INTO users (name, email)
+    SELECT name, email FROM input ORDER BY ord
+    ON CONFLICT DO NOTHING
     RETURNING id, name, email, version, created_at, updated_at
 ), o AS (
     INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
-    SELECT $3, id, name, email, version, created_at, updated_at FROM u
+    SELECT $3, id, name, email, version, created_at, updated_at FROM u ORDER BY id
 )
 SELECT id, name, email, version, created_at, updated_at FROM u";
 
@@ -80,22 +92,78 @@ fn write_error(error: tokio_postgres::Error, email: Option<&Email>) -> ServiceEr
     error.into()
 }
 
-pub async fn create(pool: &Pool, name: &UserName, email: &Email) -> Result<pb::User, ServiceError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
-    let row = client
-        .query_one(&statement, &[&name.as_str(), &email.as_str(), &EventType::Created.as_str()])
-        .await
-        .map_err(|e| write_error(e, Some(email)))?;
-    Ok(user_from_row(&row)?)
+/// A user to create, already validated.
+pub struct NewUser {
+    pub name: UserName,
+    pub email: Email,
 }
 
-pub async fn get(pool: &Pool, id: i64) -> Result<pb::User, ServiceError> {
-    let client = pool.get().await.map_err(DbError::from)?;
-    let statement =
-        client.prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = $1")).await.map_err(DbError::from)?;
-    let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
-    Ok(user_from_row(&row.ok_or_else(|| not_found(id))?)?)
+/// Creates every user of the batch in ONE statement (and so one commit),
+/// each with its outbox row. Answers per item, in order: the user, or
+/// ALREADY_EXISTS if the email was taken, or the batch's failure.
+pub async fn create_batch(pool: &Pool, batch: Vec<NewUser>) -> Vec<Result<pb::User, ServiceError>> {
+    // Identical emails in one batch: only the first is sent; the others get
+    // the first one's fate, as if they had arrived just after it.
+    let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
+    let (mut names, mut emails) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+    for (i, user) in batch.iter().enumerate() {
+        if let Entry::Vacant(slot) = first_of.entry(user.email.as_str()) {
+            slot.insert(i);
+            names.push(user.name.as_str());
+            emails.push(user.email.as_str());
+        }
+    }
+    let created = async {
+        let client = pool.get().await.map_err(DbError::from)?;
+        let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
+        let rows =
+            client.query(&statement, &[&names, &emails, &EventType::Created.as_str()]).await.map_err(DbError::from)?;
+        rows.iter()
+            .map(|row| user_from_row(row).map(|user| (user.email.clone(), user)))
+            .collect::<Result<HashMap<String, pb::User>, DbError>>()
+    };
+    let mut created = match created.await {
+        Ok(created) => created,
+        Err(error) => return shared_failure(error.into(), batch.len()),
+    };
+    batch
+        .iter()
+        .enumerate()
+        .map(|(i, user)| {
+            let email = user.email.as_str();
+            match created.remove(email) {
+                Some(user) if first_of.get(email) == Some(&i) => Ok(user),
+                // The first of the batch with this email took it.
+                _ => Err(ServiceError::AlreadyExists(format!("a user with email {email:?} already exists"))),
+            }
+        })
+        .collect()
+}
+
+/// Reads a batch of users by id with ONE query. Answers per id, in order:
+/// the user or NOT_FOUND, or the batch's failure.
+pub async fn get_batch(pool: &Pool, ids: Vec<i64>) -> Vec<Result<pb::User, ServiceError>> {
+    let found = async {
+        let client = pool.get().await.map_err(DbError::from)?;
+        let statement = client
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)"))
+            .await
+            .map_err(DbError::from)?;
+        let rows = client.query(&statement, &[&ids]).await.map_err(DbError::from)?;
+        rows.iter()
+            .map(|row| user_from_row(row).map(|user| (user.id, user)))
+            .collect::<Result<HashMap<i64, pb::User>, DbError>>()
+    };
+    match found.await {
+        Ok(found) => ids.iter().map(|id| found.get(id).cloned().ok_or_else(|| not_found(*id))).collect(),
+        Err(error) => shared_failure(error.into(), ids.len()),
+    }
+}
+
+/// The same failure, once per item of a batch.
+fn shared_failure(error: ServiceError, items: usize) -> Vec<Result<pb::User, ServiceError>> {
+    let error = Arc::new(error);
+    (0..items).map(|_| Err(ServiceError::Shared(error.clone()))).collect()
 }
 
 /// One page of users by ascending id, and the token of the next page if any.

@@ -1,5 +1,7 @@
 //! `msys.v1.UserService` over gRPC: parse the request, run the repository
-//! call, wake the relay after a committed change.
+//! call, wake the relay after a committed change. Creates and reads by id,
+//! the hot paths, go through batchers (see `batch`) so that concurrent calls
+//! share statements.
 
 use std::sync::Arc;
 
@@ -9,22 +11,62 @@ use tonic::{Request, Response, Status};
 
 use super::{
     domain::{Email, UserChanges, UserName},
-    repo,
+    repo::{self, NewUser},
 };
 use crate::{
+    batch::{BatchLimits, Batcher},
+    error::ServiceError,
+    metrics::Registry,
     pb::{self, user_service_server::UserService},
     validate::{Page, parse_id},
 };
 
+type Answer = Result<pb::User, ServiceError>;
+
 pub struct UserApi {
     pool: Pool,
     relay: Arc<Notify>,
+    creates: Batcher<NewUser, Answer>,
+    reads: Batcher<i64, Answer>,
 }
 
 impl UserApi {
-    pub fn new(pool: Pool, relay: Arc<Notify>) -> Self {
-        UserApi { pool, relay }
+    /// Starts the create and read batchers; `metrics` counts their statements
+    /// (`*_batches_total`) and the calls those carried (`*_batched_calls_total`),
+    /// whose quotient is the average batch size.
+    pub fn new(pool: Pool, relay: Arc<Notify>, limits: BatchLimits, metrics: Registry) -> Self {
+        let count = |metrics: &Registry, batches: &'static str, calls: &'static str, n: usize| {
+            metrics.add(batches, 1);
+            metrics.add(calls, n as i64);
+        };
+        let creates = Batcher::spawn("create user", limits, {
+            let (pool, metrics) = (pool.clone(), metrics.clone());
+            move |batch: Vec<NewUser>| {
+                count(&metrics, "create_batches_total", "create_batched_calls_total", batch.len());
+                let pool = pool.clone();
+                async move { repo::create_batch(&pool, batch).await }
+            }
+        });
+        let reads = Batcher::spawn("get user", limits, {
+            let pool = pool.clone();
+            move |ids: Vec<i64>| {
+                count(&metrics, "get_batches_total", "get_batched_calls_total", ids.len());
+                let pool = pool.clone();
+                async move { repo::get_batch(&pool, ids).await }
+            }
+        });
+        UserApi { pool, relay, creates, reads }
     }
+}
+
+/// A batch that went away without answering (shutdown cut it off, or it
+/// failed outright): whether the change happened is unknown to us here, so
+/// the client is told to retry, which the unique email makes safe.
+fn dropped(error: crate::batch::Dropped) -> ServiceError {
+    ServiceError::Unavailable(
+        "the request was cut off before the database answered, try again".into(),
+        Some(error.into()),
+    )
 }
 
 #[tonic::async_trait]
@@ -34,7 +76,7 @@ impl UserService for UserApi {
         let request = request.into_inner();
         let name = UserName::parse(&request.name)?;
         let email = Email::parse(&request.email)?;
-        let user = repo::create(&self.pool, &name, &email).await?;
+        let user = self.creates.call(NewUser { name, email }).await.map_err(dropped)??;
         self.relay.notify_one();
         tracing::info!(user.id = user.id, "created user");
         Ok(Response::new(user))
@@ -43,7 +85,7 @@ impl UserService for UserApi {
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().id))]
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
-        Ok(Response::new(repo::get(&self.pool, id).await?))
+        Ok(Response::new(self.reads.call(id).await.map_err(dropped)??))
     }
 
     #[tracing::instrument(skip_all)]

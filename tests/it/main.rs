@@ -7,5 +7,6 @@ mod order_replica;
 mod shutdown;
 mod support;
 mod user_api;
+mod user_batching;
 mod user_events;
 mod user_faults;

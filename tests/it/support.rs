@@ -20,7 +20,7 @@ use msys::{
         self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
         user_service_client::UserServiceClient,
     },
-    user::{RelayArgs, UserArgs, UserRole},
+    user::{BatchArgs, RelayArgs, UserArgs, UserRole},
 };
 use rdkafka::{
     ClientConfig, Message, Offset, TopicPartitionList,
@@ -128,6 +128,7 @@ pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
             kafka_message_timeout: Duration::from_secs(5),
             outbox_retention: Duration::from_secs(3600),
         },
+        batch: BatchArgs { batch_max: 128, batch_in_flight: 4 },
     }
 }
 
