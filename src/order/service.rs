@@ -74,13 +74,13 @@ impl OrderService for OrderApi {
         Ok(Response::new(placed))
     }
 
-    #[tracing::instrument(skip_all, fields(order.id = request.get_ref().id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(order.id = request.get_ref().id))]
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
         Ok(Response::new(repo::get(&self.pool, id).await?))
     }
 
-    #[tracing::instrument(skip_all, fields(user.id = request.get_ref().user_id))]
+    #[tracing::instrument(level = "debug", skip_all, fields(user.id = request.get_ref().user_id))]
     async fn list_orders(
         &self,
         request: Request<pb::ListOrdersRequest>,
