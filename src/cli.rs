@@ -165,4 +165,30 @@ mod tests {
         // databases' --*-port) that clap would otherwise report at run time.
         Cli::command().debug_assert();
     }
+
+    /// Every environment variable a flag reads, across all subcommands.
+    fn env_vars(command: &clap::Command, found: &mut std::collections::BTreeSet<String>) {
+        for arg in command.get_arguments() {
+            if let Some(name) = arg.get_env() {
+                found.insert(name.to_string_lossy().into_owned());
+            }
+        }
+        for sub in command.get_subcommands() {
+            env_vars(sub, found);
+        }
+    }
+
+    #[test]
+    fn every_environment_variable_is_documented_in_the_example_file() {
+        let example = include_str!("../config/msys.env.example");
+        let documented: std::collections::BTreeSet<&str> = example
+            .lines()
+            .map(|line| line.trim_start_matches('#').trim_start())
+            .filter_map(|line| line.split_once('=').map(|(name, _)| name))
+            .collect();
+        let mut used = std::collections::BTreeSet::new();
+        env_vars(&Cli::command(), &mut used);
+        let missing: Vec<_> = used.iter().filter(|name| !documented.contains(name.as_str())).collect();
+        assert!(missing.is_empty(), "config/msys.env.example does not mention {missing:?}");
+    }
 }

@@ -9,7 +9,7 @@ pub mod service;
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
-use clap::Args;
+use clap::{Args, builder::RangedU64ValueParser};
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
@@ -48,17 +48,21 @@ pub struct UserArgs {
 #[derive(Args, Debug, Clone)]
 pub struct BatchArgs {
     /// Calls sent to PostgreSQL as one statement at most; 1 sends each alone.
-    #[arg(long, env = "USER_BATCH_MAX", default_value_t = 128)]
+    #[arg(long, env = "USER_BATCH_MAX", default_value_t = 128,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     pub batch_max: usize,
     /// Statements of each kind (creates, reads) at PostgreSQL at once; each
-    /// holds a pooled connection while it runs.
-    #[arg(long, env = "USER_BATCH_IN_FLIGHT", default_value_t = 4)]
+    /// holds a pooled connection while it runs. Two keeps one batch filling
+    /// while the other runs: under GetUser load on 2 cores it served ~15% more
+    /// reads than 4 (bigger batches, fewer round trips), and CreateUser the same.
+    #[arg(long, env = "USER_BATCH_IN_FLIGHT", default_value_t = 2,
+          value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000))]
     pub batch_in_flight: usize,
 }
 
 impl From<&BatchArgs> for BatchLimits {
     fn from(a: &BatchArgs) -> Self {
-        BatchLimits { max_batch: a.batch_max.max(1), in_flight: a.batch_in_flight.max(1) }
+        BatchLimits { max_batch: a.batch_max, in_flight: a.batch_in_flight }
     }
 }
 

@@ -128,7 +128,7 @@ pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
             kafka_message_timeout: Duration::from_secs(5),
             outbox_retention: Duration::from_secs(3600),
         },
-        batch: BatchArgs { batch_max: 128, batch_in_flight: 4 },
+        batch: BatchArgs { batch_max: 128, batch_in_flight: 2 },
     }
 }
 
