@@ -85,38 +85,55 @@ pub struct Probe {
     pub ready: bool,
 }
 
-/// Keeps a role's health true to `probe`, checking once a second until
-/// `shutdown`; logs every transition.
-pub async fn watch_health<F, Fut>(reporter: HealthReporter, service: &str, shutdown: CancellationToken, mut probe: F)
+/// Probes once and publishes the result, then returns the watcher that keeps
+/// the role's health true to `probe`, checking once a second until `shutdown`
+/// and logging every transition. Awaiting the first probe before serving means
+/// a role never answers requests while still showing the NOT_SERVING it
+/// starts with (under load the first probe used to land after the first RPCs).
+pub async fn watch_health<F, Fut>(
+    reporter: HealthReporter,
+    service: &'static str,
+    shutdown: CancellationToken,
+    mut probe: F,
+) -> impl Future<Output = ()> + Send + 'static
 where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Probe>,
+    F: FnMut() -> Fut + Send + 'static,
+    Fut: Future<Output = Probe> + Send,
 {
-    let mut last: Option<Probe> = None;
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        let now = probe().await;
-        if last.map(|l| l.database) != Some(now.database) {
-            if now.database {
-                tracing::info!("database reachable: server SERVING");
-            } else {
-                tracing::warn!("database unreachable: server NOT_SERVING");
+    let mut last = None;
+    publish_health(&reporter, service, &mut last, probe().await).await;
+    async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await; // the first tick is immediate: that probe already ran
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {}
             }
-            set_health(&reporter, &[], now.database).await;
+            let now = probe().await;
+            publish_health(&reporter, service, &mut last, now).await;
         }
-        let serving = now.database && now.ready;
-        if last.map(|l| l.database && l.ready) != Some(serving) {
-            tracing::info!(service, serving, "service readiness changed");
-            let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
-            reporter.set_service_status(service, status).await;
-        }
-        last = Some(now);
     }
+}
+
+/// Sets the server's and `service`'s status from `now` where they changed since `last`.
+async fn publish_health(reporter: &HealthReporter, service: &str, last: &mut Option<Probe>, now: Probe) {
+    if last.map(|l| l.database) != Some(now.database) {
+        if now.database {
+            tracing::info!("database reachable: server SERVING");
+        } else {
+            tracing::warn!("database unreachable: server NOT_SERVING");
+        }
+        set_health(reporter, &[], now.database).await;
+    }
+    let serving = now.database && now.ready;
+    if last.map(|l| l.database && l.ready) != Some(serving) {
+        tracing::info!(service, serving, "service readiness changed");
+        let status = if serving { ServingStatus::Serving } else { ServingStatus::NotServing };
+        reporter.set_service_status(service, status).await;
+    }
+    *last = Some(now);
 }
 
 /// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the

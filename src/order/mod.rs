@@ -115,7 +115,7 @@ impl OrderRole {
                 grpc::Probe { database, ready: joined.load(std::sync::atomic::Ordering::Relaxed) }
             }
         };
-        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));
+        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);
         let consumer_stop = CancellationToken::new();
         let consumer = tasks.spawn(replica.run(consumer_stop.clone()));
         tasks.close();

@@ -146,7 +146,7 @@ impl UserRole {
                 grpc::Probe { database: up, ready: up }
             }
         };
-        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe));
+        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);
         tasks.close();
 
         let served = grpc::serve(listener, routes, metrics, shutdown.clone(), grace).await;

@@ -141,12 +141,13 @@ async fn emails_are_unique_whatever_their_case() -> TestResult {
 #[tokio::test]
 async fn every_role_serves_health_reflection_and_metrics() -> TestResult {
     let mut system = UserSystem::start().await;
-    system.create("Ada", "ada@example.org").await;
+    // SERVING from the first moment the role answers: it probed its database before serving.
     let addr = system.role.addr.to_string();
     let status = msys::grpc::check_health(&addr, "", std::time::Duration::from_secs(3)).await?;
     assert_eq!(status, "SERVING");
     let status = msys::grpc::check_health(&addr, "msys.v1.UserService", std::time::Duration::from_secs(3)).await?;
     assert_eq!(status, "SERVING");
+    system.create("Ada", "ada@example.org").await;
 
     let mut reflection =
         tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient::new(system.role.channel().await);
