@@ -39,6 +39,22 @@ async fn wait_for_calls_in_flight(role: &RunningRole, calls: i64) {
     .await;
 }
 
+/// A lock on `users` held by a transaction of its own: the next statement that
+/// needs a conflicting lock waits at the database until `release`.
+struct UsersLock(tokio_postgres::Client);
+
+impl UsersLock {
+    async fn hold(db: &msys::config::PostgresSettings, mode: &str) -> Result<Self, tokio_postgres::Error> {
+        let client = sql(db).await;
+        client.batch_execute(&format!("BEGIN; LOCK TABLE users IN {mode} MODE")).await?;
+        Ok(UsersLock(client))
+    }
+
+    async fn release(self) -> Result<(), tokio_postgres::Error> {
+        self.0.batch_execute("COMMIT").await
+    }
+}
+
 fn create(client: &Client, name: &str, email: &str) -> tokio::task::JoinHandle<Result<pb::User, tonic::Status>> {
     let mut client = client.clone();
     let request = pb::CreateUserRequest { name: name.into(), email: email.into() };
@@ -49,15 +65,13 @@ fn create(client: &Client, name: &str, email: &str) -> tokio::task::JoinHandle<R
 async fn concurrent_creates_share_one_statement_and_each_caller_gets_its_own_user() -> TestResult {
     let (role, db, kafka) = start_role_with_one_batch_in_flight().await;
     let client = Client::new(role.channel().await);
-    let mut lock = sql(&db).await;
-    let tx = lock.transaction().await?;
-    tx.batch_execute("LOCK TABLE users IN SHARE MODE").await?;
+    let lock = UsersLock::hold(&db, "SHARE").await?;
     let first = create(&client, "First", "first@example.org");
     wait_for_calls_in_flight(&role, 1).await;
     let others: Vec<_> =
         (0..40).map(|i| create(&client, &format!("User {i}"), &format!("user-{i}@example.org"))).collect();
     wait_for_calls_in_flight(&role, 41).await;
-    tx.commit().await?;
+    lock.release().await?;
 
     let first = first.await??;
     assert_eq!(first.email, "first@example.org");
@@ -94,9 +108,7 @@ async fn one_email_claimed_several_times_in_one_batch_creates_exactly_one_user()
     let (role, db, _kafka) = start_role_with_one_batch_in_flight().await;
     let client = Client::new(role.channel().await);
     create(&client, "Taken", "taken@example.org").await??;
-    let mut lock = sql(&db).await;
-    let tx = lock.transaction().await?;
-    tx.batch_execute("LOCK TABLE users IN SHARE MODE").await?;
+    let lock = UsersLock::hold(&db, "SHARE").await?;
     let blocker = create(&client, "Blocker", "blocker@example.org");
     wait_for_calls_in_flight(&role, 1).await;
     // Exact duplicates, the same address in other cases, an address taken
@@ -106,7 +118,7 @@ async fn one_email_claimed_several_times_in_one_batch_creates_exactly_one_user()
     let taken = create(&client, "Taken again", "TAKEN@example.org");
     let bystanders: Vec<_> = (0..3).map(|i| create(&client, "Bystander", &format!("by-{i}@example.org"))).collect();
     wait_for_calls_in_flight(&role, 9).await;
-    tx.commit().await?;
+    lock.release().await?;
 
     blocker.await??;
     let mut winners = Vec::new();
@@ -147,16 +159,14 @@ async fn concurrent_reads_share_one_query_and_each_caller_gets_its_own_user_or_n
         let mut client = client.clone();
         tokio::spawn(async move { client.get_user(pb::GetUserRequest { id }).await.map(|r| r.into_inner()) })
     };
-    let mut lock = sql(&db).await;
-    let tx = lock.transaction().await?;
-    tx.batch_execute("LOCK TABLE users IN ACCESS EXCLUSIVE MODE").await?;
+    let lock = UsersLock::hold(&db, "ACCESS EXCLUSIVE").await?;
     let first = get(users[0].id);
     wait_for_calls_in_flight(&role, 1).await;
     // Every user three times, interleaved with an id that does not exist.
     let wanted: Vec<i64> = (0..3).flat_map(|_| users.iter().map(|u| u.id).chain([missing])).collect();
     let calls: Vec<_> = wanted.iter().map(|id| get(*id)).collect();
     wait_for_calls_in_flight(&role, 1 + wanted.len() as i64).await;
-    tx.commit().await?;
+    lock.release().await?;
 
     assert_eq!(first.await??, users[0]);
     for (id, call) in wanted.iter().zip(calls) {
