@@ -58,11 +58,12 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
-        let max_batch = limits.max_batch.max(1);
+        // Zero would mean a batch that never forms; the command line refuses it already.
+        let (max_batch, in_flight) = (limits.max_batch.max(1), limits.in_flight.max(1));
         // Bounded: when the database falls behind, callers wait here instead
         // of growing an unbounded queue.
-        let (queue, jobs) = mpsc::channel(max_batch * limits.in_flight.max(1) * 2);
-        tokio::spawn(dispatch(jobs, max_batch, limits.in_flight.max(1), Arc::new(run)));
+        let (queue, jobs) = mpsc::channel(max_batch * in_flight * 2);
+        tokio::spawn(dispatch(jobs, max_batch, in_flight, Arc::new(run)));
         Batcher { name, queue }
     }
 
@@ -105,26 +106,34 @@ where
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Mutex;
+    use std::sync::{Mutex, MutexGuard, PoisonError};
 
     use super::*;
 
+    type TestResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+    /// The batch sizes seen so far (a panicking test thread poisons nothing we care about).
+    fn sizes(seen: &Mutex<Vec<usize>>) -> MutexGuard<'_, Vec<usize>> {
+        seen.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     #[tokio::test]
-    async fn a_lone_request_is_sent_at_once_and_answered() {
+    async fn a_lone_request_is_sent_at_once_and_answered() -> TestResult {
         let batcher =
             Batcher::spawn("test", BatchLimits { max_batch: 8, in_flight: 1 }, |items: Vec<u32>| async move {
                 items.into_iter().map(|i| i * 2).collect::<Vec<_>>()
             });
-        assert_eq!(batcher.call(21).await.unwrap(), 42);
+        assert_eq!(batcher.call(21).await?, 42);
+        Ok(())
     }
 
     #[tokio::test]
-    async fn requests_queued_behind_a_busy_slot_go_out_together_and_each_gets_its_own_answer() {
-        let sizes = Arc::new(Mutex::new(Vec::new()));
+    async fn requests_queued_behind_a_busy_slot_go_out_together_and_each_gets_its_own_answer() -> TestResult {
+        let batch_sizes = Arc::new(Mutex::new(Vec::new()));
         let (release, gate) = tokio::sync::watch::channel(false);
-        let seen = sizes.clone();
+        let seen = batch_sizes.clone();
         let batcher = Batcher::spawn("test", BatchLimits { max_batch: 100, in_flight: 1 }, move |items: Vec<u32>| {
-            seen.lock().unwrap().push(items.len());
+            sizes(&seen).push(items.len());
             let mut gate = gate.clone();
             async move {
                 let _ = gate.wait_for(|open| *open).await;
@@ -133,27 +142,28 @@ mod tests {
         });
         let first = tokio::spawn({
             let b = batcher.clone();
-            async move { b.call(0).await.unwrap() }
+            async move { b.call(0).await }
         });
         // Until the first batch is at the "database", the others must queue.
-        while sizes.lock().unwrap().is_empty() {
+        while sizes(&batch_sizes).is_empty() {
             tokio::task::yield_now().await;
         }
         let rest: Vec<_> = (1..=10)
             .map(|i| {
                 let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await.unwrap() })
+                tokio::spawn(async move { b.call(i).await })
             })
             .collect();
         while batcher.queue.capacity() > batcher.queue.max_capacity() - 10 {
             tokio::task::yield_now().await;
         }
-        release.send(true).unwrap();
-        assert_eq!(first.await.unwrap(), 1000);
+        release.send(true)?;
+        assert_eq!(first.await??, 1000);
         for (i, task) in rest.into_iter().enumerate() {
-            assert_eq!(task.await.unwrap(), 1001 + i as u32);
+            assert_eq!(task.await??, 1001 + i as u32);
         }
-        assert_eq!(*sizes.lock().unwrap(), vec![1, 10]);
+        assert_eq!(*sizes(&batch_sizes), vec![1, 10]);
+        Ok(())
     }
 
     #[tokio::test]

@@ -131,11 +131,10 @@ pub async fn create_batch(pool: &Pool, batch: Vec<NewUser>) -> Vec<Result<pb::Us
         .enumerate()
         .map(|(i, user)| {
             let email = user.email.as_str();
-            match created.remove(email) {
-                Some(user) if first_of.get(email) == Some(&i) => Ok(user),
-                // The first of the batch with this email took it.
-                _ => Err(ServiceError::AlreadyExists(format!("a user with email {email:?} already exists"))),
-            }
+            // Only the first of the batch with this email was sent; a later one
+            // finds it taken, as does a first one whose row was not inserted.
+            let inserted = if first_of.get(email) == Some(&i) { created.remove(email) } else { None };
+            inserted.ok_or_else(|| ServiceError::AlreadyExists(format!("a user with email {email:?} already exists")))
         })
         .collect()
 }
