@@ -28,6 +28,24 @@ const MAX_LATENCY_US: u64 = 60_000_000;
 struct Inner {
     methods: HashMap<String, MethodStats>,
     values: BTreeMap<&'static str, i64>,
+    labeled: BTreeMap<(&'static str, Vec<(&'static str, String)>), i64>,
+    histograms: BTreeMap<&'static str, ValueHistogram>,
+}
+
+/// Upper bounds of the buckets `observe` sorts values into: from 100 µs to
+/// 60 s for latencies in seconds, and they serve counts (batch sizes) too.
+pub const BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0,
+    100.0, 250.0, 500.0, 1000.0,
+];
+
+/// A cumulative-bucket histogram of arbitrary values (Prometheus style).
+#[derive(Default)]
+struct ValueHistogram {
+    count: u64,
+    sum: f64,
+    /// counts[i] = values <= BUCKETS[i]; values above the last bound only in `count`.
+    counts: Vec<u64>,
 }
 
 struct MethodStats {
@@ -95,6 +113,27 @@ impl Registry {
         self.lock().values.insert(name, value);
     }
 
+    /// Sets a gauge that carries labels, e.g. `("partition", "2")`.
+    pub fn set_labeled(&self, name: &'static str, labels: &[(&'static str, String)], value: i64) {
+        self.lock().labeled.insert((name, labels.to_vec()), value);
+    }
+
+    /// Records one value in the histogram `name` (seconds for latencies).
+    pub fn observe(&self, name: &'static str, value: f64) {
+        let mut inner = self.lock();
+        let h = inner.histograms.entry(name).or_default();
+        if h.counts.is_empty() {
+            h.counts = vec![0; BUCKETS.len()];
+        }
+        h.count += 1;
+        h.sum += value;
+        for (bound, count) in BUCKETS.iter().zip(h.counts.iter_mut()) {
+            if value <= *bound {
+                *count += 1;
+            }
+        }
+    }
+
     /// A counter's or gauge's current value (0 if never touched).
     pub fn value(&self, name: &str) -> i64 {
         self.lock().values.get(name).copied().unwrap_or(0)
@@ -117,15 +156,46 @@ impl Registry {
                     p50_latency_ms: ms(s.latency_us.value_at_quantile(0.5)),
                     p99_latency_ms: ms(s.latency_us.value_at_quantile(0.99)),
                     max_latency_ms: ms(s.latency_us.max()),
+                    p90_latency_ms: ms(s.latency_us.value_at_quantile(0.9)),
+                    // Filled once the registry keeps Prometheus buckets (telemetry issue).
+                    latency_buckets: Vec::new(),
                 }
             })
             .collect();
         methods.sort_by(|a, b| a.method.cmp(&b.method));
+        let bucket = |le: f64, count: u64| pb::Bucket { le_seconds: le, count };
+        let histograms = inner
+            .histograms
+            .iter()
+            .map(|(name, h)| pb::Histogram {
+                name: (*name).to_owned(),
+                labels: Default::default(),
+                count: h.count,
+                sum: h.sum,
+                buckets: BUCKETS
+                    .iter()
+                    .zip(&h.counts)
+                    .map(|(le, c)| bucket(*le, *c))
+                    .chain(std::iter::once(bucket(f64::INFINITY, h.count)))
+                    .collect(),
+            })
+            .collect();
+        let labeled_values = inner
+            .labeled
+            .iter()
+            .map(|((name, labels), value)| pb::LabeledValue {
+                name: (*name).to_owned(),
+                labels: labels.iter().map(|(k, v)| ((*k).to_owned(), v.clone())).collect(),
+                value: *value,
+            })
+            .collect();
         pb::MetricsReport {
             role: self.role.to_owned(),
             uptime_seconds: self.started.elapsed().as_secs_f64(),
             methods,
             values: inner.values.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect(),
+            histograms,
+            labeled_values,
         }
     }
 }
