@@ -17,11 +17,14 @@ pub struct Migration {
 pub const USERS: &[Migration] =
     &[Migration { version: 1, name: "users_and_outbox", sql: include_str!("migrate/users/0001_users_and_outbox.sql") }];
 
-pub const ORDERS: &[Migration] = &[Migration {
-    version: 1,
-    name: "orders_and_user_replica",
-    sql: include_str!("migrate/orders/0001_orders_and_user_replica.sql"),
-}];
+pub const ORDERS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "orders_and_user_replica",
+        sql: include_str!("migrate/orders/0001_orders_and_user_replica.sql"),
+    },
+    Migration { version: 2, name: "replica_limits", sql: include_str!("migrate/orders/0002_replica_limits.sql") },
+];
 
 /// An arbitrary constant: the key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6d73_7973_6d69_6772; // "msysmigr"

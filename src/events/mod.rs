@@ -66,6 +66,8 @@ pub enum DecodeError {
     NoUser,
     #[error("headers and value disagree: {0}")]
     Mismatch(String),
+    #[error("user {field} {why}")]
+    Invalid { field: &'static str, why: String },
 }
 
 /// Builds the record for `event`.
@@ -124,8 +126,33 @@ pub fn decode<M: Message>(message: &M) -> Result<Decoded, DecodeError> {
     let id =
         uuid::Uuid::parse_str(ce_id).map_err(|_| DecodeError::Mismatch(format!("ce_id {ce_id:?} is not a UUID")))?;
     let user = event.user.clone().ok_or(DecodeError::NoUser)?;
-    if user.id <= 0 {
-        return Err(DecodeError::Mismatch(format!("user id {} is not positive", user.id)));
-    }
+    check_user(&user)?;
     Ok(Decoded { kind, id, user, event })
+}
+
+/// The limits the user service enforces on what it stores (see
+/// `user::domain` and `validate`): a record beyond them was not written by
+/// it, and the replica must not try to store it (PostgreSQL refuses a NUL
+/// in text with SQLSTATE 22021, for one).
+fn check_user(user: &pb::User) -> Result<(), DecodeError> {
+    use crate::user::domain::{MAX_EMAIL_CHARS, MAX_NAME_CHARS};
+    let invalid = |field, why: String| Err(DecodeError::Invalid { field, why });
+    if user.id <= 0 {
+        return invalid("id", format!("{} is not a positive id", user.id));
+    }
+    if user.version <= 0 {
+        return invalid("version", format!("{} is not a positive version", user.version));
+    }
+    for (field, value, max) in [("name", &user.name, MAX_NAME_CHARS), ("email", &user.email, MAX_EMAIL_CHARS)] {
+        if value.contains('\0') {
+            return invalid(field, "contains a NUL character".to_owned());
+        }
+        if value.chars().any(char::is_control) {
+            return invalid(field, "contains control characters".to_owned());
+        }
+        if value.chars().count() > max {
+            return invalid(field, format!("is longer than {max} characters"));
+        }
+    }
+    Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod domain;
+pub mod partition;
 pub mod replica;
 pub mod repo;
 pub mod service;
@@ -55,6 +56,51 @@ pub struct ReplicaArgs {
     /// answering FAILED_PRECONDITION.
     #[arg(long, env = "ORDER_USER_WAIT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub user_wait: Duration,
+    #[command(flatten)]
+    pub consumer: ConsumerArgs,
+}
+
+/// How the replica's consumer reads and applies `user-events`; the defaults
+/// suit both nisshi and Apache Kafka (see `config/msys.env.example`).
+#[derive(Args, Debug, Clone)]
+pub struct ConsumerArgs {
+    /// Most records applied in one PostgreSQL transaction.
+    #[arg(long, env = "ORDER_APPLY_BATCH", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub apply_batch: u32,
+    /// How long the broker may hold a fetch that finds no data
+    /// (`fetch.wait.max.ms`); the floor of the event lag on nisshi.
+    #[arg(long, env = "ORDER_FETCH_WAIT_MAX", default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub fetch_wait_max: Duration,
+    /// A member silent this long is dropped from the group and its
+    /// partitions move to the others (`session.timeout.ms`).
+    #[arg(long, env = "ORDER_SESSION_TIMEOUT", default_value = "6s", value_parser = humantime::parse_duration)]
+    pub session_timeout: Duration,
+    /// How often a member tells the group it is alive; survivors learn of a
+    /// rebalance at their next heartbeat (`heartbeat.interval.ms`).
+    #[arg(long, env = "ORDER_HEARTBEAT_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Static membership (`group.instance.id`): a member that restarts with
+    /// the same id within the session timeout keeps its partitions without a
+    /// rebalance. Empty: dynamic membership. Unique per process.
+    #[arg(long, env = "ORDER_GROUP_INSTANCE_ID", default_value = "")]
+    pub group_instance_id: String,
+    /// A batch retried this long (e.g. the orders database is down) logs a
+    /// warning and makes the OrderService NOT_SERVING until it applies.
+    #[arg(long, env = "ORDER_APPLY_STALL_AFTER", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub stall_after: Duration,
+}
+
+impl Default for ConsumerArgs {
+    fn default() -> Self {
+        ConsumerArgs {
+            apply_batch: 500,
+            fetch_wait_max: Duration::from_millis(50),
+            session_timeout: Duration::from_secs(6),
+            heartbeat_interval: Duration::from_secs(1),
+            group_instance_id: String::new(),
+            stall_after: Duration::from_secs(30),
+        }
+    }
 }
 
 /// An order role that has connected, migrated and bound its port.
@@ -74,8 +120,17 @@ impl OrderRole {
         let pool = db::pool(&postgres)?;
         migrate::run(&pool, migrate::ORDERS).await.context("migrating the orders database")?;
         let metrics = Registry::new("order");
-        let settings =
-            ReplicaSettings { group: args.replica.consumer_group.clone(), dlq_topic: args.replica.dlq_topic.clone() };
+        let consumer = &args.replica.consumer;
+        let settings = ReplicaSettings {
+            group: args.replica.consumer_group.clone(),
+            dlq_topic: args.replica.dlq_topic.clone(),
+            batch_size: consumer.apply_batch as usize,
+            fetch_wait_max: consumer.fetch_wait_max,
+            session_timeout: consumer.session_timeout,
+            heartbeat_interval: consumer.heartbeat_interval,
+            group_instance_id: Some(consumer.group_instance_id.clone()).filter(|id| !id.is_empty()),
+            stall_after: consumer.stall_after,
+        };
         let replica = Replica::new(pool.clone(), args.kafka.clone(), settings, metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
         Ok(OrderRole {
@@ -106,13 +161,26 @@ impl OrderRole {
         let background = shutdown.child_token();
         // The server is SERVING while the orders database answers; the
         // OrderService once the consumer has joined its group too, so
-        // "ready" means CreateOrder sees users as soon as they are created.
-        let joined = replica.joined();
+        // "ready" means CreateOrder sees users as soon as they are created;
+        // a partition stuck on a batch (see ORDER_APPLY_STALL_AFTER) makes
+        // it NOT_SERVING, with the reason logged when it changes.
+        let shared = replica.shared();
+        let mut last_reason = None;
         let probe = move || {
-            let (pool, joined) = (pool.clone(), joined.clone());
+            let (pool, shared) = (pool.clone(), shared.clone());
+            let stalled = shared.stalled();
+            if stalled != last_reason {
+                match &stalled {
+                    Some(reason) => tracing::warn!(service = SERVICE_NAME, %reason, "not ready: the replica is stuck"),
+                    None if last_reason.is_some() => tracing::info!(service = SERVICE_NAME, "the replica moves again"),
+                    None => {}
+                }
+                last_reason = stalled.clone();
+            }
             async move {
                 let database = db::ping(&pool, Duration::from_secs(2)).await;
-                grpc::Probe { database, ready: joined.load(std::sync::atomic::Ordering::Relaxed) }
+                let joined = shared.joined.load(std::sync::atomic::Ordering::Relaxed);
+                grpc::Probe { database, ready: joined && stalled.is_none() }
             }
         };
         tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);

@@ -1,24 +1,24 @@
 //! The order service's replica of users: consumes `user-events` in the
-//! consumer group `order-service` and applies each event (see `apply`).
+//! consumer group `order-service` and applies it partition by partition,
+//! each partition in its own task on its own rdkafka queue
+//! (`split_partition_queue`), batch by batch (see `partition` and `apply`).
 //!
-//! Offsets: an offset is stored only after its event's transaction
-//! committed (or after a poison record was acknowledged by the dead-letter
-//! topic), and only stored offsets are committed, so a crash at any point
-//! makes the group re-read from an offset whose effect may or may not be in
-//! the database; the event-id check in `apply` makes the second read a
-//! no-op. Records of a partition are handled one at a time, in order.
+//! The main consumer queue serves the group protocol (joins, heartbeats,
+//! rebalances); a record that still arrives there (fetched before its
+//! partition was split off) is handed to that partition's task, in order.
 //!
-//! Poison: a record that cannot be decoded, or has an unknown `ce_type`,
-//! goes to `user-events.dlq` with its key, value and headers plus
-//! `dlq_error`, `dlq_topic`, `dlq_partition` and `dlq_offset`, and
-//! consumption goes on. Nothing is ever skipped silently: if the DLQ cannot
-//! take it, the consumer retries rather than move past it.
+//! Offsets: only stored offsets are committed (every second, and on
+//! rebalance and shutdown), and a partition task stores an offset only after
+//! the batch before it committed or was dead-lettered.
+//!
+//! Failover: a member that dies is noticed after `session.timeout.ms`; the
+//! survivors learn of the rebalance at their next heartbeat and rejoin at
+//! once, because the main queue is always being served. See
+//! `config/msys.env.example` for the defaults and the measured figure.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
     time::Duration,
 };
 
@@ -27,27 +27,39 @@ use deadpool_postgres::Pool;
 use rdkafka::{
     ClientContext, Message,
     consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer},
-    message::{BorrowedMessage, Header, Headers, OwnedHeaders},
-    producer::{FutureProducer, FutureRecord},
+    message::OwnedMessage,
+    producer::FutureProducer,
 };
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::apply::{self, Origin, Outcome};
-use crate::{config::KafkaArgs, events, kafka, metrics::Registry};
+use super::partition::{Shared, Worker};
+use crate::{config::KafkaArgs, kafka, metrics::Registry};
 
 #[derive(Debug, Clone)]
 pub struct ReplicaSettings {
     pub group: String,
     pub dlq_topic: String,
+    /// Most records applied in one transaction.
+    pub batch_size: usize,
+    /// `fetch.wait.max.ms`: how long the broker may hold a fetch that has
+    /// no data yet.
+    pub fetch_wait_max: Duration,
+    pub session_timeout: Duration,
+    pub heartbeat_interval: Duration,
+    /// `group.instance.id` (static membership), if set.
+    pub group_instance_id: Option<String>,
+    /// How long a batch may be retried before readiness drops.
+    pub stall_after: Duration,
 }
 
-/// Keeps the `partitions_assigned` gauge true to the group's decisions and
+/// Keeps the `partitions_assigned` gauge true to the group's decisions,
 /// records that the consumer has joined its group (an assignment, even an
-/// empty one when there are more members than partitions).
+/// empty one when there are more members than partitions), and tells the
+/// partition tasks when partitions move.
 pub struct ReplicaContext {
     metrics: Registry,
-    joined: Arc<AtomicBool>,
+    shared: Arc<Shared>,
 }
 
 impl ClientContext for ReplicaContext {}
@@ -56,11 +68,13 @@ impl ConsumerContext for ReplicaContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(partitions) => {
-                self.joined.store(true, Ordering::Relaxed);
-                tracing::info!(partitions = partitions.count(), "partitions assigned");
+                self.shared.joined.store(true, Ordering::Relaxed);
+                let ids: Vec<i32> = partitions.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(partitions = ?ids, "partitions assigned");
                 self.metrics.set("partitions_assigned", partitions.count() as i64);
             }
             Rebalance::Revoke(_) => {
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
                 tracing::info!("partitions revoked");
                 self.metrics.set("partitions_assigned", 0);
             }
@@ -73,38 +87,54 @@ pub struct Replica {
     pool: Pool,
     kafka: KafkaArgs,
     settings: ReplicaSettings,
-    consumer: StreamConsumer<ReplicaContext>,
+    consumer: Arc<StreamConsumer<ReplicaContext>>,
     dlq: FutureProducer,
     applied: Arc<Notify>,
+    shared: Arc<Shared>,
     metrics: Registry,
 }
 
 impl Replica {
     pub fn new(pool: Pool, kafka: KafkaArgs, settings: ReplicaSettings, metrics: Registry) -> anyhow::Result<Self> {
-        let consumer = kafka::client_config(&kafka, "msys-order-replica")
+        let shared = Arc::new(Shared::default());
+        let mut config = kafka::client_config(&kafka, "msys-order-replica");
+        config
             .set("group.id", &settings.group)
             .set("enable.auto.offset.store", "false")
             // Commits what was stored, every second and when partitions move.
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", "10000")
-            // Bounds how long a fetch waits for data: measured here, the
-            // broker answers a waiting fetch only when this expires, so it
-            // is the floor of the event lag (500 ms by default).
-            .set("fetch.wait.max.ms", "50")
-            .create_with_context(ReplicaContext { metrics: metrics.clone(), joined: Arc::new(AtomicBool::new(false)) })
+            .set("session.timeout.ms", settings.session_timeout.as_millis().to_string())
+            .set("heartbeat.interval.ms", settings.heartbeat_interval.as_millis().to_string())
+            // See ORDER_FETCH_WAIT_MAX in config/msys.env.example: nisshi
+            // answers a fetch with no data only when this expires.
+            .set("fetch.wait.max.ms", settings.fetch_wait_max.as_millis().to_string());
+        if let Some(id) = &settings.group_instance_id {
+            config.set("group.instance.id", id);
+        }
+        let consumer = config
+            .create_with_context(ReplicaContext { metrics: metrics.clone(), shared: shared.clone() })
             .context("creating the Kafka consumer")?;
         let dlq = kafka::producer(&kafka, "msys-order-dlq", Duration::from_secs(30))?;
-        Ok(Replica { pool, kafka, settings, consumer, dlq, applied: Arc::new(Notify::new()), metrics })
+        Ok(Replica {
+            pool,
+            kafka,
+            settings,
+            consumer: Arc::new(consumer),
+            dlq,
+            applied: Arc::new(Notify::new()),
+            shared,
+            metrics,
+        })
     }
 
-    /// Whether the consumer has joined its group at least once.
-    pub fn joined(&self) -> Arc<AtomicBool> {
-        self.consumer.context().joined.clone()
+    /// Joined, and why not keeping up, for the readiness probe.
+    pub fn shared(&self) -> Arc<Shared> {
+        self.shared.clone()
     }
 
-    /// Rung after every applied event: CreateOrder waits on it for a user
+    /// Rung after every applied batch: CreateOrder waits on it for a user
     /// whose creation is still in flight.
     pub fn applied_signal(&self) -> Arc<Notify> {
         self.applied.clone()
@@ -112,42 +142,63 @@ impl Replica {
 
     /// Makes sure both topics exist with the configured partition count
     /// before subscribing: subscribing to a missing topic may auto-create it
-    /// with the broker's default count.
-    async fn ensure_topics(&self, shutdown: &CancellationToken) -> bool {
+    /// with the broker's default count. Returns the topic's partition count.
+    async fn ensure_topics(&self, shutdown: &CancellationToken) -> Option<i32> {
         let k = &self.kafka;
         let mut delay = Duration::from_millis(200);
         loop {
             let attempt = async {
                 let (partitions, replication) = (k.user_events_partitions, k.user_events_replication_factor);
                 kafka::ensure_topic(k, &k.user_events_topic, partitions, replication).await?;
-                kafka::ensure_topic(k, &self.settings.dlq_topic, partitions, replication).await
+                kafka::ensure_topic(k, &self.settings.dlq_topic, partitions, replication).await?;
+                let consumer = self.consumer.clone();
+                let topic = k.user_events_topic.clone();
+                tokio::task::spawn_blocking(move || {
+                    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10))?;
+                    let count = metadata.topics().iter().map(|t| t.partitions().len()).sum::<usize>();
+                    anyhow::Ok(i32::try_from(count)?)
+                })
+                .await?
             };
             let result = tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 result = attempt => result,
             };
             match result {
-                Ok(()) => return true,
+                Ok(count) if count > 0 => return Some(count),
+                Ok(_) => tracing::warn!("the user events topic has no partitions yet; retrying"),
                 Err(error) => {
                     tracing::warn!(error = %format!("{error:#}"), "cannot reach Kafka yet; retrying")
                 }
             }
             tokio::select! {
-                _ = shutdown.cancelled() => return false,
+                _ = shutdown.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
             }
         }
     }
 
-    /// Consumes until `shutdown`; then commits the stored offsets and
-    /// leaves the group, so a successor starts exactly where this one ended.
+    /// Consumes until `shutdown`; then lets the partition tasks finish their
+    /// batch, commits the stored offsets and leaves the group, so a
+    /// successor starts exactly where this one ended.
     pub async fn run(self, shutdown: CancellationToken) {
-        if self.ensure_topics(&shutdown).await {
+        if let Some(partitions) = self.ensure_topics(&shutdown).await {
+            let tasks = TaskTracker::new();
+            let stop = CancellationToken::new();
+            let mut routes = HashMap::new();
+            for partition in 0..partitions {
+                routes.insert(partition, self.spawn_partition(&tasks, partition, &stop));
+            }
+            tasks.spawn(lag_reporter(self.consumer.clone(), self.kafka.clone(), self.shared.clone(), stop.clone()));
             if let Err(error) = self.consumer.subscribe(&[&self.kafka.user_events_topic]) {
                 tracing::error!(%error, "cannot subscribe to the user events topic");
             } else {
-                self.consume(&shutdown).await;
+                self.serve_group(&shutdown, &tasks, &stop, &mut routes).await;
             }
+            stop.cancel();
+            drop(routes);
+            tasks.close();
+            tasks.wait().await;
         }
         let Replica { consumer, .. } = self;
         let left = tokio::task::spawn_blocking(move || {
@@ -155,7 +206,10 @@ impl Replica {
                 // Nothing stored since the last commit is the usual reason.
                 tracing::debug!(%error, "final offset commit");
             }
-            drop(consumer); // closes the consumer: leaves the group
+            match Arc::try_unwrap(consumer) {
+                Ok(consumer) => drop(consumer), // closes the consumer: leaves the group
+                Err(_) => tracing::warn!("the consumer is still shared; leaving the group when it drops"),
+            }
         })
         .await;
         if left.is_err() {
@@ -164,7 +218,42 @@ impl Replica {
         tracing::info!("user events consumer stopped");
     }
 
-    async fn consume(&self, shutdown: &CancellationToken) {
+    fn spawn_partition(
+        &self,
+        tasks: &TaskTracker,
+        partition: i32,
+        stop: &CancellationToken,
+    ) -> mpsc::Sender<OwnedMessage> {
+        let queue = self.consumer.split_partition_queue(&self.kafka.user_events_topic, partition);
+        if queue.is_none() {
+            tracing::warn!(partition, "cannot split off the partition's queue; its records come through the main one");
+        }
+        let (sender, receiver) = mpsc::channel(1024);
+        let worker = Worker {
+            pool: self.pool.clone(),
+            consumer: self.consumer.clone(),
+            dlq: self.dlq.clone(),
+            topic: self.kafka.user_events_topic.clone(),
+            dlq_topic: self.settings.dlq_topic.clone(),
+            batch_size: self.settings.batch_size,
+            stall_after: self.settings.stall_after,
+            shared: self.shared.clone(),
+            applied: self.applied.clone(),
+            metrics: self.metrics.clone(),
+        };
+        tasks.spawn(worker.run(partition, queue, receiver, stop.clone()));
+        sender
+    }
+
+    /// Serves the main queue until `shutdown`: group events, and records of
+    /// partitions not (yet) split off, routed to their partition's task.
+    async fn serve_group(
+        &self,
+        shutdown: &CancellationToken,
+        tasks: &TaskTracker,
+        stop: &CancellationToken,
+        routes: &mut HashMap<i32, mpsc::Sender<OwnedMessage>>,
+    ) {
         loop {
             let message = tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -172,13 +261,13 @@ impl Replica {
             };
             match message {
                 Ok(message) => {
-                    if !self.handle(&message, shutdown).await {
-                        return;
-                    }
-                    if let Err(error) = self.consumer.store_offset_from_message(&message) {
-                        // The partition was revoked meanwhile; its new owner
-                        // re-reads the record and finds it applied.
-                        tracing::warn!(%error, "could not store the offset");
+                    let partition = message.partition();
+                    let message = message.detach();
+                    tracing::debug!(partition, offset = message.offset(), "record on the main queue");
+                    let route = routes.entry(partition).or_insert_with(|| self.spawn_partition(tasks, partition, stop));
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        sent = route.send(message) => if sent.is_err() { return },
                     }
                 }
                 Err(error) => {
@@ -191,94 +280,43 @@ impl Replica {
             }
         }
     }
+}
 
-    /// Applies or dead-letters one record, retrying until it succeeds.
-    /// Returns false if stopped before it did (the offset is not stored).
-    async fn handle(&self, message: &BorrowedMessage<'_>, shutdown: &CancellationToken) -> bool {
-        let origin =
-            Origin { topic: message.topic().to_owned(), partition: message.partition(), offset: message.offset() };
-        let mut delay = Duration::from_millis(100);
-        loop {
-            let done = match events::decode(message) {
-                Ok(decoded) => match apply::apply(&self.pool, &decoded, &origin).await {
-                    Ok(outcome) => {
-                        self.count(outcome, &decoded);
-                        true
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, cause = ?error, ?origin, "applying a user event failed; retrying");
-                        false
-                    }
-                },
-                Err(error) => match self.dead_letter(message, &error.to_string()).await {
-                    Ok(()) => {
-                        tracing::warn!(%error, ?origin, dlq = %self.settings.dlq_topic, "poison record dead-lettered");
-                        self.metrics.add("events_dead_lettered_total", 1);
-                        true
-                    }
-                    Err(dlq_error) => {
-                        tracing::error!(%error, dlq_error = %format!("{dlq_error:#}"), ?origin, "cannot dead-letter a poison record; retrying");
-                        false
-                    }
-                },
-            };
-            if done {
-                return true;
+/// Every two seconds: each assigned partition's applied position and how
+/// many records lie beyond it (`consumer_position`, `consumer_lag_records`).
+async fn lag_reporter(
+    consumer: Arc<StreamConsumer<ReplicaContext>>,
+    kafka: KafkaArgs,
+    shared: Arc<Shared>,
+    stop: CancellationToken,
+) {
+    let metrics = consumer.context().metrics.clone();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (consumer, topic, positions) = (consumer.clone(), kafka.user_events_topic.clone(), shared.positions());
+        let marks = tokio::task::spawn_blocking(move || {
+            let assigned = consumer.assignment().ok()?;
+            let mut marks = Vec::new();
+            for element in assigned.elements() {
+                let partition = element.partition();
+                if let Ok((_, high)) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(1)) {
+                    marks.push((partition, high));
+                }
             }
-            tokio::select! {
-                _ = shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(delay) => delay = (delay * 2).min(Duration::from_secs(5)),
-            }
+            Some(marks)
+        })
+        .await;
+        let Ok(Some(marks)) = marks else { continue };
+        for (partition, high) in marks {
+            let Some(position) = positions.get(&partition).copied() else { continue };
+            let labels = [("partition", partition.to_string())];
+            metrics.set_labeled("consumer_position", &labels, position);
+            metrics.set_labeled("consumer_lag_records", &labels, (high - position).max(0));
         }
-    }
-
-    fn count(&self, outcome: Outcome, decoded: &events::Decoded) {
-        let counter = match outcome {
-            Outcome::Applied => "events_applied_total",
-            Outcome::Duplicate => "events_duplicate_total",
-            Outcome::Stale => "events_stale_total",
-        };
-        self.metrics.add(counter, 1);
-        if let Some(lag) = decoded
-            .event
-            .occurred_at
-            .and_then(|t| std::time::SystemTime::try_from(t).ok())
-            .and_then(|t| t.elapsed().ok())
-        {
-            self.metrics.set("last_event_lag_ms", lag.as_millis() as i64);
-        }
-        self.applied.notify_waiters();
-    }
-
-    /// Copies a record to the dead-letter topic and waits for the ack.
-    async fn dead_letter(&self, message: &BorrowedMessage<'_>, error: &str) -> anyhow::Result<()> {
-        let mut headers = OwnedHeaders::new();
-        if let Some(original) = message.headers() {
-            for header in original.iter() {
-                headers = headers.insert(Header { key: header.key, value: header.value });
-            }
-        }
-        let (partition, offset) = (message.partition().to_string(), message.offset().to_string());
-        for (key, value) in [
-            ("dlq_error", error),
-            ("dlq_topic", message.topic()),
-            ("dlq_partition", partition.as_str()),
-            ("dlq_offset", offset.as_str()),
-        ] {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
-        let mut record = FutureRecord::<[u8], [u8]>::to(&self.settings.dlq_topic).headers(headers);
-        if let Some(key) = message.key() {
-            record = record.key(key);
-        }
-        if let Some(payload) = message.payload() {
-            record = record.payload(payload);
-        }
-        self.dlq
-            .send(record, Duration::from_secs(5))
-            .await
-            .map_err(|(error, _)| anyhow::Error::new(error))
-            .context("sending to the dead-letter topic")?;
-        Ok(())
     }
 }

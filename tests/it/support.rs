@@ -104,6 +104,7 @@ pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> Orde
             consumer_group: group.to_owned(),
             dlq_topic: format!("{}.dlq", kafka.user_events_topic),
             user_wait: Duration::from_secs(2),
+            consumer: Default::default(),
         },
     }
 }
