@@ -2,7 +2,9 @@
 //! broker (started by `scripts/test.sh`). One binary, so the suite links
 //! once and tests share the support module.
 
+mod order_failover;
 mod order_flow;
+mod order_pipeline;
 mod order_replica;
 mod shutdown;
 mod support;
