@@ -61,7 +61,7 @@ start_role() {
   local role=$1 port=$2 pidfile=$TMP/run/$1.pid logf=$TMP/log/$1.log
   start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_PORT="$USERS_PG" USER_POSTGRES_DB=users_db \
     ORDER_POSTGRES_PORT="$ORDERS_PG" ORDER_POSTGRES_DB=orders_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" \
-    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" "$role" --port "$port"
+    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" "$role" --port "$port" --metrics-port 0
   # shellcheck disable=SC2317  # called through wait_until
   healthy() { "$MSYS_BIN" health "127.0.0.1:$1" >/dev/null 2>&1; }
   wait_until 60 daemon_check "$pidfile" "msys $role" "$logf" healthy "$port" ||

@@ -110,6 +110,7 @@ print_summary() {
   psql:    PGPASSWORD=postgres psql -h 127.0.0.1 -p $USER_POSTGRES_PORT -U postgres $USER_POSTGRES_DB
   events:  KAFKA_PORT=$KAFKA_PORT $MSYS_BIN events tail --from-beginning
   health:  $MSYS_BIN health 127.0.0.1:$USER_SERVICE_PORT
+  metrics: curl http://127.0.0.1:${USER_METRICS_PORT:-9451}/metrics   (order: ${ORDER_METRICS_PORT:-9452})
   stop:    $MSYS_ROOT/scripts/stop.sh   (keeps the data; delete $STATE to start from scratch)
 EOF
 }

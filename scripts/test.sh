@@ -98,7 +98,7 @@ main() {
   trap 'exit 130' INT
   trap 'exit 143' TERM
 
-  timed "packages" ensure_packages initdb:postgresql
+  timed "packages" ensure_packages initdb:postgresql promtool:prometheus
   timed "nisshi" ensure_nisshi
   find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
   make_tmp

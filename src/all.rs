@@ -18,6 +18,12 @@ pub struct AllArgs {
     pub user_port: u16,
     #[arg(long, env = "ORDER_SERVICE_PORT", default_value_t = 50052)]
     pub order_port: u16,
+    /// HTTP port of the user role's GET /metrics.
+    #[arg(long, env = "USER_METRICS_PORT", default_value_t = 9451)]
+    pub user_metrics_port: u16,
+    /// HTTP port of the order role's GET /metrics.
+    #[arg(long, env = "ORDER_METRICS_PORT", default_value_t = 9452)]
+    pub order_metrics_port: u16,
     #[command(flatten)]
     pub user_postgres: UserPostgresArgs,
     #[command(flatten)]
@@ -40,6 +46,7 @@ pub struct AllArgs {
 pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     let user_args = UserArgs {
         port: args.user_port,
+        metrics_port: args.user_metrics_port,
         postgres: args.user_postgres,
         kafka: args.kafka.clone(),
         server: args.server.clone(),
@@ -48,6 +55,7 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
     };
     let order_args = OrderArgs {
         port: args.order_port,
+        metrics_port: args.order_metrics_port,
         postgres: args.order_postgres,
         kafka: args.kafka,
         server: args.server,

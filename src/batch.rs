@@ -16,6 +16,7 @@
 
 use std::{future::Future, sync::Arc};
 
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// How much a dispatcher may batch and how many batches it keeps at the database.
@@ -41,11 +42,14 @@ type Job<T, R> = (T, oneshot::Sender<R>);
 pub struct Batcher<T, R> {
     name: &'static str,
     queue: mpsc::Sender<Job<T, R>>,
+    /// Items submitted and not yet taken into a batch (callers waiting for
+    /// room in the queue included): one atomic add each way, no lock.
+    depth: Gauge,
 }
 
 impl<T, R> Clone for Batcher<T, R> {
     fn clone(&self) -> Self {
-        Batcher { name: self.name, queue: self.queue.clone() }
+        Batcher { name: self.name, queue: self.queue.clone(), depth: self.depth.clone() }
     }
 }
 
@@ -58,25 +62,66 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
+        Self::spawn_counted(name, limits, Gauge::default(), run)
+    }
+
+    /// Like [`Batcher::spawn`], keeping the number of queued items in `depth`
+    /// (batchers given the same gauge add up in it).
+    pub fn spawn_counted<F, Fut>(name: &'static str, limits: BatchLimits, depth: Gauge, run: F) -> Self
+    where
+        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<R>> + Send + 'static,
+    {
         // Zero would mean a batch that never forms; the command line refuses it already.
         let (max_batch, in_flight) = (limits.max_batch.max(1), limits.in_flight.max(1));
         // Bounded: when the database falls behind, callers wait here instead
         // of growing an unbounded queue.
         let (queue, jobs) = mpsc::channel(max_batch * in_flight * 2);
-        tokio::spawn(dispatch(jobs, max_batch, in_flight, Arc::new(run)));
-        Batcher { name, queue }
+        tokio::spawn(dispatch(jobs, max_batch, in_flight, depth.clone(), Arc::new(run)));
+        Batcher { name, queue, depth }
     }
 
     /// Submits one item and waits for its result.
     pub async fn call(&self, item: T) -> Result<R, Dropped> {
         let (reply, answer) = oneshot::channel();
+        let queued = Queued::enter(&self.depth);
         self.queue.send((item, reply)).await.map_err(|_| Dropped(self.name))?;
+        // In the queue now: the dispatcher takes it off the gauge.
+        queued.handed_over();
         answer.await.map_err(|_| Dropped(self.name))
     }
 }
 
-async fn dispatch<T, R, F, Fut>(mut jobs: mpsc::Receiver<Job<T, R>>, max_batch: usize, in_flight: usize, run: Arc<F>)
-where
+/// One item on the depth gauge until the queue has it; a caller that gives
+/// up while waiting for room, or a send that fails, takes itself off again.
+struct Queued<'a>(Option<&'a Gauge>);
+
+impl<'a> Queued<'a> {
+    fn enter(depth: &'a Gauge) -> Self {
+        depth.inc();
+        Queued(Some(depth))
+    }
+
+    fn handed_over(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        if let Some(depth) = self.0 {
+            depth.dec();
+        }
+    }
+}
+
+async fn dispatch<T, R, F, Fut>(
+    mut jobs: mpsc::Receiver<Job<T, R>>,
+    max_batch: usize,
+    in_flight: usize,
+    depth: Gauge,
+    run: Arc<F>,
+) where
     T: Send + 'static,
     R: Send + 'static,
     F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
@@ -91,6 +136,7 @@ where
         if jobs.recv_many(&mut batch, max_batch).await == 0 {
             return;
         }
+        depth.dec_by(batch.len() as i64);
         let run = run.clone();
         tokio::spawn(async move {
             let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
@@ -163,6 +209,42 @@ mod tests {
             assert_eq!(task.await??, 1001 + i as u32);
         }
         assert_eq!(*sizes(&batch_sizes), vec![1, 10]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn the_depth_gauge_counts_items_waiting_for_a_batch_and_returns_to_zero() -> TestResult {
+        let depth = Gauge::default();
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = started.clone();
+        let limits = BatchLimits { max_batch: 100, in_flight: 1 };
+        let batcher = Batcher::spawn_counted("test", limits, depth.clone(), move |items: Vec<u32>| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                items
+            }
+        });
+        let call = |i| {
+            let b = batcher.clone();
+            tokio::spawn(async move { b.call(i).await })
+        };
+        let mut calls = vec![call(0)];
+        // The first item is at the (blocked) database: the next four must wait in the queue.
+        while !started.load(std::sync::atomic::Ordering::SeqCst) {
+            tokio::task::yield_now().await;
+        }
+        calls.extend((1..5).map(call));
+        while depth.get() != 4 {
+            tokio::task::yield_now().await;
+        }
+        release.send(true)?;
+        for call in calls {
+            call.await??;
+        }
+        assert_eq!(depth.get(), 0);
         Ok(())
     }
 

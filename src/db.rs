@@ -152,3 +152,18 @@ pub async fn ping(pool: &Pool, timeout: Duration) -> bool {
     };
     matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
 }
+
+/// Exports the pool's state as the gauges `db_pool_size` (connections open),
+/// `db_pool_in_use` (checked out) and `db_pool_waiters` (requests waiting for
+/// one), sampled at every scrape and report: reading the pool's status is a
+/// few loads, cheaper than tracking each checkout.
+pub fn export_pool_metrics(pool: &Pool, metrics: &crate::metrics::Registry) {
+    let pool = pool.clone();
+    metrics.on_collect(move |metrics| {
+        let status = pool.status();
+        let as_i64 = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        metrics.set("db_pool_size", as_i64(status.size));
+        metrics.set("db_pool_in_use", as_i64(status.size.saturating_sub(status.available)));
+        metrics.set("db_pool_waiters", as_i64(status.waiting));
+    });
+}

@@ -21,7 +21,7 @@ use self::replica::{Replica, ReplicaSettings};
 use crate::{
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, ServerArgs},
     db, grpc,
-    metrics::Registry,
+    metrics::{self, Registry},
     migrate,
     pb::order_service_server::OrderServiceServer,
 };
@@ -33,6 +33,9 @@ const SERVICE_NAME: &str = "msys.v1.OrderService";
 pub struct OrderArgs {
     #[arg(long = "port", env = "ORDER_SERVICE_PORT", default_value_t = 50052)]
     pub port: u16,
+    /// HTTP port of GET /metrics (Prometheus); 0 picks a free one.
+    #[arg(long = "metrics-port", env = "ORDER_METRICS_PORT", default_value_t = 9452)]
+    pub metrics_port: u16,
     #[command(flatten)]
     pub postgres: OrderPostgresArgs,
     #[command(flatten)]
@@ -106,6 +109,7 @@ impl Default for ConsumerArgs {
 /// An order role that has connected, migrated and bound its port.
 pub struct OrderRole {
     listener: TcpListener,
+    metrics_listener: TcpListener,
     pool: Pool,
     replica: Replica,
     metrics: Registry,
@@ -120,6 +124,7 @@ impl OrderRole {
         let pool = db::pool(&postgres)?;
         migrate::run(&pool, migrate::ORDERS).await.context("migrating the orders database")?;
         let metrics = Registry::new("order");
+        db::export_pool_metrics(&pool, &metrics);
         let consumer = &args.replica.consumer;
         let settings = ReplicaSettings {
             group: args.replica.consumer_group.clone(),
@@ -133,8 +138,10 @@ impl OrderRole {
         };
         let replica = Replica::new(pool.clone(), args.kafka.clone(), settings, metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
+        let metrics_listener = metrics::http::bind(args.server.addr(args.metrics_port)?).await?;
         Ok(OrderRole {
             listener,
+            metrics_listener,
             pool,
             replica,
             metrics,
@@ -147,10 +154,15 @@ impl OrderRole {
         Ok(self.listener.local_addr()?)
     }
 
+    /// Where `GET /metrics` is served.
+    pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.metrics_listener.local_addr()?)
+    }
+
     /// Serves and consumes until `shutdown`; then stops taking RPCs, lets
     /// in-flight ones finish, commits offsets and leaves the group.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let OrderRole { listener, pool, replica, metrics, user_wait, grace } = self;
+        let OrderRole { listener, metrics_listener, pool, replica, metrics, user_wait, grace } = self;
         tracing::info!(addr = %listener.local_addr()?, "order service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -184,6 +196,7 @@ impl OrderRole {
             }
         };
         tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);
+        tasks.spawn(metrics::http::run(metrics_listener, metrics.clone(), background.clone()));
         let consumer_stop = CancellationToken::new();
         let consumer = tasks.spawn(replica.run(consumer_stop.clone()));
         tasks.close();

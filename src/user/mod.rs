@@ -20,7 +20,7 @@ use crate::{
     batch::BatchLimits,
     config::{KafkaArgs, PostgresSettings, ServerArgs, UserPostgresArgs},
     db, grpc,
-    metrics::Registry,
+    metrics::{self, Registry},
     migrate,
     pb::user_service_server::UserServiceServer,
 };
@@ -32,6 +32,9 @@ const SERVICE_NAME: &str = "msys.v1.UserService";
 pub struct UserArgs {
     #[arg(long = "port", env = "USER_SERVICE_PORT", default_value_t = 50051)]
     pub port: u16,
+    /// HTTP port of GET /metrics (Prometheus); 0 picks a free one.
+    #[arg(long = "metrics-port", env = "USER_METRICS_PORT", default_value_t = 9451)]
+    pub metrics_port: u16,
     #[command(flatten)]
     pub postgres: UserPostgresArgs,
     #[command(flatten)]
@@ -94,6 +97,7 @@ impl From<&RelayArgs> for RelaySettings {
 /// A user role that has connected, migrated and bound its port, ready to run.
 pub struct UserRole {
     listener: TcpListener,
+    metrics_listener: TcpListener,
     pool: Pool,
     relay: Relay,
     metrics: Registry,
@@ -108,19 +112,34 @@ impl UserRole {
         let pool = db::pool(&postgres)?;
         migrate::run(&pool, migrate::USERS).await.context("migrating the users database")?;
         let metrics = Registry::new("user");
+        db::export_pool_metrics(&pool, &metrics);
         let relay = Relay::new(pool.clone(), args.kafka.clone(), (&args.relay).into(), metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
-        Ok(UserRole { listener, pool, relay, metrics, batch: (&args.batch).into(), grace: args.server.shutdown_grace })
+        let metrics_listener = metrics::http::bind(args.server.addr(args.metrics_port)?).await?;
+        Ok(UserRole {
+            listener,
+            metrics_listener,
+            pool,
+            relay,
+            metrics,
+            batch: (&args.batch).into(),
+            grace: args.server.shutdown_grace,
+        })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.listener.local_addr()?)
     }
 
+    /// Where `GET /metrics` is served.
+    pub fn metrics_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.metrics_listener.local_addr()?)
+    }
+
     /// Serves and relays until `shutdown`; then drains RPCs, stops the relay
     /// and flushes the producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let UserRole { listener, pool, relay, metrics, batch, grace } = self;
+        let UserRole { listener, metrics_listener, pool, relay, metrics, batch, grace } = self;
         tracing::info!(addr = %listener.local_addr()?, "user service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -130,6 +149,7 @@ impl UserRole {
         let tasks = TaskTracker::new();
         let background = shutdown.child_token();
         tasks.spawn(relay.run(background.clone()));
+        tasks.spawn(metrics::http::run(metrics_listener, metrics.clone(), background.clone()));
         // SERVING while the database answers. The broker is deliberately not
         // part of it: while Kafka is away the service still takes every
         // request and the outbox holds the events, so it is healthy; the
@@ -139,8 +159,9 @@ impl UserRole {
             let (pool, gauge) = (pool.clone(), gauge.clone());
             async move {
                 let pending = outbox_backlog(&pool).await;
-                if let Some(n) = pending {
-                    gauge.set("outbox_pending", n);
+                if let Some((rows, oldest_age_seconds)) = pending {
+                    gauge.set("outbox_pending", rows);
+                    gauge.set("outbox_oldest_pending_age_seconds", oldest_age_seconds);
                 }
                 let up = pending.is_some();
                 grpc::Probe { database: up, ready: up }
@@ -162,12 +183,18 @@ impl UserRole {
     }
 }
 
-/// Rows not yet published, or None if the database cannot be reached.
-async fn outbox_backlog(pool: &Pool) -> Option<i64> {
+/// Rows not yet published and the age in whole seconds of the oldest (0 when
+/// none), or None if the database cannot be reached. The oldest is the lowest
+/// id, found through the partial index without reading the others.
+async fn outbox_backlog(pool: &Pool) -> Option<(i64, i64)> {
+    const BACKLOG: &str = "
+SELECT (SELECT count(*) FROM user_outbox WHERE published_at IS NULL),
+       COALESCE((SELECT floor(extract(epoch FROM clock_timestamp() - occurred_at))::bigint
+                   FROM user_outbox WHERE published_at IS NULL ORDER BY id LIMIT 1), 0)";
     let probe = async {
         let client = pool.get().await.ok()?;
-        let row = client.query_one("SELECT count(*) FROM user_outbox WHERE published_at IS NULL", &[]).await.ok()?;
-        row.try_get::<_, i64>(0).ok()
+        let row = client.query_one(BACKLOG, &[]).await.ok()?;
+        Some((row.try_get::<_, i64>(0).ok()?, row.try_get::<_, i64>(1).ok()?))
     };
     tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten()
 }

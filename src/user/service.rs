@@ -39,7 +39,8 @@ impl UserApi {
             metrics.add(batches, 1);
             metrics.add(calls, n as i64);
         };
-        let creates = Batcher::spawn("create user", limits, {
+        let depth = metrics.gauge("batch_queue_depth");
+        let creates = Batcher::spawn_counted("create user", limits, depth.clone(), {
             let (pool, metrics) = (pool.clone(), metrics.clone());
             move |batch: Vec<NewUser>| {
                 count(&metrics, "create_batches_total", "create_batched_calls_total", batch.len());
@@ -47,7 +48,7 @@ impl UserApi {
                 async move { repo::create_batch(&pool, batch).await }
             }
         });
-        let reads = Batcher::spawn("get user", limits, {
+        let reads = Batcher::spawn_counted("get user", limits, depth, {
             let pool = pool.clone();
             move |ids: Vec<i64>| {
                 count(&metrics, "get_batches_total", "get_batched_calls_total", ids.len());

@@ -8,6 +8,7 @@ mod order_pipeline;
 mod order_replica;
 mod shutdown;
 mod support;
+mod telemetry_metrics;
 mod user_api;
 mod user_batching;
 mod user_events;

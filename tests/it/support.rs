@@ -97,6 +97,7 @@ pub fn server_args() -> ServerArgs {
 pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> OrderArgs {
     OrderArgs {
         port: 0,
+        metrics_port: 0,
         postgres: db.into(),
         kafka: kafka.clone(),
         server: server_args(),
@@ -112,14 +113,16 @@ pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> Orde
 pub async fn start_order(args: OrderArgs) -> RunningRole {
     let role = OrderRole::build(args).await.expect("order role builds");
     let addr = role.local_addr().expect("bound");
+    let metrics_addr = role.metrics_addr().expect("bound");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
-    RunningRole { addr, shutdown, task }
+    RunningRole { addr, metrics_addr, shutdown, task }
 }
 
 pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
     UserArgs {
         port: 0,
+        metrics_port: 0,
         postgres: db.into(),
         kafka: kafka.clone(),
         server: server_args(),
@@ -136,6 +139,8 @@ pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
 /// A role running inside the test process.
 pub struct RunningRole {
     pub addr: SocketAddr,
+    /// Where the role serves `GET /metrics`.
+    pub metrics_addr: SocketAddr,
     shutdown: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
@@ -168,9 +173,10 @@ impl RunningRole {
 pub async fn start_user(args: UserArgs) -> RunningRole {
     let role = UserRole::build(args).await.expect("user role builds");
     let addr = role.local_addr().expect("bound");
+    let metrics_addr = role.metrics_addr().expect("bound");
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
-    RunningRole { addr, shutdown, task }
+    RunningRole { addr, metrics_addr, shutdown, task }
 }
 
 /// The user role on its own database and topic, against the shared servers.
@@ -237,7 +243,7 @@ pub fn spawn_role(
     let prefix = if role == "user" { "USER_POSTGRES" } else { "ORDER_POSTGRES" };
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"));
     command
-        .args([role, "--port", &port.to_string(), "--listen-host", "127.0.0.1"])
+        .args([role, "--port", &port.to_string(), "--metrics-port", "0", "--listen-host", "127.0.0.1"])
         .env(format!("{prefix}_HOST"), &db.host)
         .env(format!("{prefix}_PORT"), db.port.to_string())
         .env(format!("{prefix}_USER"), &db.user)
