@@ -31,6 +31,11 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ("events_stale_total", "msys_events_stale_total", "User events skipped as older than the replica"),
     ("events_dead_lettered_total", "msys_events_dead_lettered_total", "Records sent to the dead-letter topic"),
     ("events_apply_retries_total", "msys_events_apply_retries_total", "Retried attempts to apply events"),
+    (
+        "replica_stalled_partitions",
+        "msys_replica_stalled_partitions",
+        "Partitions whose batch has been retried past ORDER_APPLY_STALL_AFTER",
+    ),
     ("partitions_assigned", "msys_consumer_partitions_assigned", "Partitions assigned to this consumer"),
     ("apply_batch_size", "msys_apply_batch_size_events", "Events applied per replica transaction"),
     (
