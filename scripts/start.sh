@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Starts the msys stack natively, in the seed's order: PostgreSQL for users (127.0.0.1:5434) and
-# orders (5435), the Kafka broker (nisshi, 9093) with the user-events topic, then the msys roles,
-# each one healthy before the next starts. Idempotent: pieces already running are left alone,
-# missing ones (e.g. after kill -9) are started again. Data survives scripts/stop.sh.
+# Starts the msys stack, natively or with Docker Compose, in the seed's order: PostgreSQL for users
+# (127.0.0.1:5434) and orders (5435), the Kafka broker (9093) with user-events and its dead-letter
+# topic, then the roles user, order, monitor and frontend, each one healthy before the next starts.
+# Idempotent: pieces already running are left alone, missing ones (e.g. after kill -9) are started
+# again. Data survives scripts/stop.sh.
 #
-# usage: scripts/start.sh [--no-build]
-#   --no-build        use the existing release binary instead of running cargo build --release
+# usage: scripts/start.sh [--mode auto|native|compose] [--no-build]
+#   --mode auto       (default) compose when a Docker engine answers (`docker info`), else native
+#   --mode native     PostgreSQL (Debian's), nisshi as the broker, msys processes; on the first run
+#                     it builds nisshi (into ~/.cache/msys) and msys at the same time
+#   --mode compose    `docker compose up` of compose.yaml (builds the image; see deploy/README.md)
+#   --no-build        native: use the existing release binary instead of running cargo build --release
 # environment:
-#   MSYS_BIN          msys binary to run (implies --no-build)
-#   MSYS_ROLES        roles to start, in order (default: "user order")
+#   MSYS_BIN          msys binary to run natively (implies --no-build)
+#   MSYS_ROLES        roles to start, in order (default: "user order monitor frontend"); a role whose
+#                     subcommand this binary does not implement yet is skipped with a note
 #   MSYS_STATE_DIR    data, logs and pid files (default /var/lib/msys as root, else
 #                     ~/.local/state/msys)
 #   USER_POSTGRES_PORT, ORDER_POSTGRES_PORT, KAFKA_PORT, USER_SERVICE_PORT, ORDER_SERVICE_PORT,
@@ -19,7 +25,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 # The roles to run, in start order; a new role is one more word here.
-ROLES=${MSYS_ROLES:-"user order"}
+ROLES=${MSYS_ROLES:-"user order monitor frontend"}
 ROLE_TIMEOUT=${MSYS_ROLE_TIMEOUT:-60}
 
 export USER_POSTGRES_HOST=127.0.0.1 USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres
@@ -28,6 +34,12 @@ export ORDER_POSTGRES_HOST=127.0.0.1 ORDER_POSTGRES_USER=postgres ORDER_POSTGRES
 export ORDER_POSTGRES_PORT=${ORDER_POSTGRES_PORT:-5435} ORDER_POSTGRES_DB=${ORDER_POSTGRES_DB:-orders_db}
 export KAFKA_HOST=127.0.0.1 KAFKA_PORT=${KAFKA_PORT:-9093} USER_EVENTS_TOPIC=${USER_EVENTS_TOPIC:-user-events}
 export USER_SERVICE_PORT=${USER_SERVICE_PORT:-50051} ORDER_SERVICE_PORT=${ORDER_SERVICE_PORT:-50052}
+export MONITOR_SERVICE_PORT=${MONITOR_SERVICE_PORT:-50053} FRONTEND_PORT=${FRONTEND_PORT:-80}
+export USER_EVENTS_DLQ_TOPIC=${USER_EVENTS_DLQ_TOPIC:-$USER_EVENTS_TOPIC.dlq}
+# The monitor watches the two services; the frontend reads the monitor (the contract's variables).
+export MONITOR_USER_ADDR=${MONITOR_USER_ADDR:-http://127.0.0.1:$USER_SERVICE_PORT}
+export MONITOR_ORDER_ADDR=${MONITOR_ORDER_ADDR:-http://127.0.0.1:$ORDER_SERVICE_PORT}
+export MONITOR_ADDR=${MONITOR_ADDR:-http://127.0.0.1:$MONITOR_SERVICE_PORT}
 # Like the databases and the broker, the roles stay on loopback unless asked otherwise.
 export MSYS_LISTEN_HOST=${MSYS_LISTEN_HOST:-127.0.0.1}
 
@@ -36,8 +48,8 @@ role_port() {
   case $1 in
     user) echo "$USER_SERVICE_PORT" ;;
     order) echo "$ORDER_SERVICE_PORT" ;;
-    monitor) echo "${MONITOR_SERVICE_PORT:-50053}" ;;
-    frontend) echo "${FRONTEND_PORT:-80}" ;;
+    monitor) echo "$MONITOR_SERVICE_PORT" ;;
+    frontend) echo "$FRONTEND_PORT" ;;
     *) die "unknown role '$1' in MSYS_ROLES" ;;
   esac
 }
@@ -45,31 +57,42 @@ role_port() {
 # gRPC roles answer grpc.health.v1 (SERVING only); the frontend is a web page.
 role_healthy() {
   case $1 in
-    frontend) curl -fsS -o /dev/null "http://127.0.0.1:$2/" 2>/dev/null ;;
+    frontend) curl -fsS -o /dev/null "http://127.0.0.1:$2/healthz" 2>/dev/null ;;
     # Ready, not just alive: the order service reports SERVING once its consumer joined its group.
     order) "$MSYS_BIN" health "127.0.0.1:$2" --service msys.v1.OrderService >/dev/null 2>&1 ;;
     *) "$MSYS_BIN" health "127.0.0.1:$2" >/dev/null 2>&1 ;;
   esac
 }
 
-# Fails before anything starts if this binary lacks a role or the events commands.
+# Fails before anything starts if this binary lacks the events commands. A role whose
+# subcommand exists but takes no --port yet (a placeholder that only says "not implemented") is
+# dropped from ROLES with a note, so this script works before and after that role lands.
 check_binary() {
-  local role
-  for role in $ROLES events; do
-    "$MSYS_BIN" "$role" --help >/dev/null 2>&1 ||
+  local role help kept=()
+  "$MSYS_BIN" events --help >/dev/null 2>&1 || die "$MSYS_BIN has no 'events' command (msys events --help failed)"
+  for role in $ROLES; do
+    help=$("$MSYS_BIN" "$role" --help 2>&1) ||
       die "$MSYS_BIN has no '$role' command (msys $role --help failed); set MSYS_ROLES to the roles it has"
+    if [[ $help == *--port* ]]; then
+      kept+=("$role")
+    else
+      log "skipping $role: this msys does not implement 'msys $role' yet (no --port in msys $role --help)"
+    fi
   done
+  ROLES="${kept[*]}"
 }
 
-# Starts the broker and makes sure the events topic exists with 3 partitions before any client
-# can auto-create it with the broker's default of 4.
+# Starts the broker and makes sure the events topic and its dead-letter topic exist with 3
+# partitions before any client can auto-create them with the broker's default of 4.
 start_kafka() {
-  local out
+  local out topic
   start_nisshi "$STATE/kafka" "$KAFKA_PORT" "$LOGS/kafka.log" "$RUN/kafka.pid"
   wait_until 30 "$MSYS_BIN" events list-topics >/dev/null 2>&1 ||
     die_with_log "$LOGS/kafka.log" "msys events list-topics fails against 127.0.0.1:$KAFKA_PORT"
-  out=$("$MSYS_BIN" events create-topic --topic "$USER_EVENTS_TOPIC" --partitions 3 --replication-factor 1 2>&1) ||
-    die "msys events create-topic $USER_EVENTS_TOPIC failed: $out (broker log: $LOGS/kafka.log)"
+  for topic in "$USER_EVENTS_TOPIC" "$USER_EVENTS_DLQ_TOPIC"; do
+    out=$("$MSYS_BIN" events create-topic --topic "$topic" --partitions 3 --replication-factor 1 2>&1) ||
+      die "msys events create-topic $topic failed: $out (broker log: $LOGS/kafka.log)"
+  done
   out=$("$MSYS_BIN" events list-topics 2>&1) || die "msys events list-topics failed: $out"
   awk -v t="$USER_EVENTS_TOPIC" '$1 == t && $2 == 3 { found = 1 } END { exit !found }' <<<"$out" ||
     die "topic $USER_EVENTS_TOPIC does not have 3 partitions (list-topics says: $(grep "^$USER_EVENTS_TOPIC" <<<"$out" || echo nothing)); stop, delete $STATE/kafka and start again"
@@ -98,11 +121,11 @@ summary_row() { printf '  %-16s %-16s %s\n' "$@"; }
 # Where everything is, so nobody has to read this script to find a log.
 print_summary() {
   local role
-  printf '\nmsys is up; state in %s\n' "$STATE"
+  printf '\nmsys is up (mode: native); state in %s\n' "$STATE"
   summary_row "piece" "address" "data / log"
   summary_row "postgres users" "127.0.0.1:$USER_POSTGRES_PORT" "$STATE/pg/users  $LOGS/postgres-users.log"
   summary_row "postgres orders" "127.0.0.1:$ORDER_POSTGRES_PORT" "$STATE/pg/orders  $LOGS/postgres-orders.log"
-  summary_row "kafka (nisshi)" "127.0.0.1:$KAFKA_PORT" "$STATE/kafka  $LOGS/kafka.log  (topic $USER_EVENTS_TOPIC, 3 partitions)"
+  summary_row "kafka (nisshi)" "127.0.0.1:$KAFKA_PORT" "$STATE/kafka  $LOGS/kafka.log  (topics $USER_EVENTS_TOPIC, $USER_EVENTS_DLQ_TOPIC; 3 partitions)"
   for role in $ROLES; do
     summary_row "$role" "127.0.0.1:$(role_port "$role")" "$LOGS/$role.log  (pid $(<"$RUN/role-$role.pid"))"
   done
@@ -115,16 +138,70 @@ print_summary() {
 EOF
 }
 
+# The Compose path: the same system from compose.yaml, one container per piece, waiting until
+# every role reports healthy (docker compose v2's --wait; with docker-compose 1.29 by polling).
+start_compose() {
+  local -a compose
+  local role id status
+  read -ra compose <<<"$(compose_command)"
+  ((${#compose[@]})) || die "neither 'docker compose' nor docker-compose is installed"
+  log "starting with ${compose[*]} and $MSYS_ROOT/compose.yaml (builds the msys image the first time)"
+  echo compose >"$RUN/mode"
+  if [[ ${compose[0]} == docker ]]; then
+    (cd "$MSYS_ROOT" && "${compose[@]}" up -d --build --wait --wait-timeout 900) || die "${compose[*]} up failed (output above)"
+  else
+    (cd "$MSYS_ROOT" && "${compose[@]}" up -d --build) || die "${compose[*]} up failed (output above)"
+    for role in user order monitor frontend; do
+      id=$(cd "$MSYS_ROOT" && "${compose[@]}" ps -q "$role")
+      wait_until 600 compose_healthy "$id" || {
+        status=$(docker inspect -f '{{.State.Health.Status}}' "$id" 2>&1 || true)
+        die "$role is not healthy in compose after 600s ($status); see: ${compose[*]} logs $role"
+      }
+    done
+  fi
+  printf '\nmsys is up (mode: compose, %s)\n' "$MSYS_ROOT/compose.yaml"
+  summary_row "user" "127.0.0.1:$USER_SERVICE_PORT" "gRPC"
+  summary_row "order" "127.0.0.1:$ORDER_SERVICE_PORT" "gRPC"
+  summary_row "monitor" "127.0.0.1:$MONITOR_SERVICE_PORT" "gRPC"
+  summary_row "frontend" "127.0.0.1:$FRONTEND_PORT" "http://127.0.0.1:$FRONTEND_PORT/"
+  summary_row "postgres" "127.0.0.1:$USER_POSTGRES_PORT" "users; orders on 127.0.0.1:$ORDER_POSTGRES_PORT"
+  summary_row "kafka" "127.0.0.1:$KAFKA_PORT" "topics $USER_EVENTS_TOPIC, $USER_EVENTS_DLQ_TOPIC"
+  printf '  status:  %s ps   logs: %s logs -f ROLE\n' "${compose[*]}" "${compose[*]}"
+  printf '  stop:    %s/scripts/stop.sh   (keeps the volumes; %s down -v drops them)\n' "$MSYS_ROOT" "${compose[*]}"
+}
+
+compose_healthy() { [[ $(docker inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null) == healthy ]]; }
+
 main() {
-  local build=build role
-  case ${1:-} in
-    --no-build) build=no-build ;;
-    -h | --help)
-      sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
-      return 0
+  local build=build mode=auto role
+  while (($#)); do
+    case $1 in
+      --no-build) build=no-build ;;
+      --mode)
+        mode=${2:-}
+        shift
+        ;;
+      --mode=*) mode=${1#--mode=} ;;
+      -h | --help)
+        sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+        return 0
+        ;;
+      *) die "unknown argument '$1' (try --help)" ;;
+    esac
+    shift
+  done
+  case $mode in
+    auto)
+      if docker_engine_reachable; then
+        mode=compose
+        log "mode auto: a Docker engine answers, so compose"
+      else
+        mode=native
+        log "mode auto: no Docker engine answers 'docker info', so native"
+      fi
       ;;
-    '') ;;
-    *) die "unknown argument '$1' (try --help)" ;;
+    native | compose) ;;
+    *) die "unknown mode '$mode': auto, native or compose" ;;
   esac
   STATE=$(msys_state_dir)
   mkdir -p "$STATE"
@@ -133,9 +210,14 @@ main() {
   mkdir -p "$LOGS" "$RUN" "$STATE/pg" "$STATE/kafka"
   chmod 755 "$STATE" "$STATE/pg"
 
+  if [[ $mode == compose ]]; then
+    docker_engine_reachable || die "--mode compose needs a Docker engine, and 'docker info' fails; try --mode native"
+    start_compose
+    return 0
+  fi
+  echo native >"$RUN/mode"
   ensure_packages initdb:postgresql
-  ensure_nisshi
-  ensure_msys "$build"
+  ensure_native_binaries "$build"
   check_binary
 
   timed "postgres users" pg_start_cluster "$STATE/pg/users" "$USER_POSTGRES_PORT" \

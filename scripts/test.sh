@@ -100,6 +100,7 @@ main() {
 
   timed "packages" ensure_packages initdb:postgresql promtool:prometheus
   timed "nisshi" ensure_nisshi
+  timed "deploy tools" ensure_deploy_tools
   find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
   make_tmp
   log "infrastructure in $TMP"

@@ -3,6 +3,11 @@
 //! alone. Applying is idempotent and safe when several processes start at
 //! once: an advisory lock serialises them and each version is applied once,
 //! in one transaction with its bookkeeping row.
+//!
+//! A schema that is already up to date is only read, never written: in
+//! production the migrations run as a migration role (a Kubernetes Job) and
+//! the services log in as an application role with DML rights only, which
+//! may not run even `CREATE TABLE IF NOT EXISTS`.
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
@@ -32,6 +37,11 @@ const MIGRATION_LOCK: i64 = 0x6d73_7973_6d69_6772; // "msysmigr"
 /// Applies the migrations the database has not seen yet; returns how many.
 pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize> {
     let mut client = pool.get().await.context("connecting to migrate")?;
+    if let Some(applied) = applied_versions(&client).await?
+        && migrations.iter().all(|m| applied.contains(&m.version))
+    {
+        return Ok(0);
+    }
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(
@@ -63,4 +73,16 @@ pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize>
     }
     tx.commit().await?;
     Ok(count)
+}
+
+/// The versions recorded in `schema_migrations`, or None before the first
+/// migration created it; needs nothing but SELECT.
+async fn applied_versions(client: &tokio_postgres::Client) -> anyhow::Result<Option<Vec<i32>>> {
+    let exists: bool =
+        client.query_one("SELECT to_regclass('schema_migrations') IS NOT NULL", &[]).await?.try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let rows = client.query("SELECT version FROM schema_migrations", &[]).await?;
+    Ok(Some(rows.iter().map(|row| row.try_get(0)).collect::<Result<_, _>>()?))
 }
