@@ -12,15 +12,21 @@
 //! Delivery: at least once. A crash between the broker's ack and the commit
 //! that stamps the rows sends them again; consumers deduplicate by `ce_id`.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{
+    collections::{HashSet, VecDeque},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
+use futures::channel::oneshot::Canceled;
 use rdkafka::{
     error::KafkaError,
-    producer::{FutureProducer, FutureRecord, Producer},
+    producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, future_producer::OwnedDeliveryResult},
 };
 use tokio::sync::Notify;
+use tokio_postgres::IsolationLevel;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -39,9 +45,14 @@ const PENDING: &str = "
 SELECT id, event_id, event_type, user_id, user_name, user_email, user_version,
        user_created_at, user_updated_at, occurred_at
   FROM user_outbox
- WHERE published_at IS NULL
+ WHERE published_at IS NULL AND id > $1
  ORDER BY id
- LIMIT $1";
+ LIMIT $2";
+
+/// Chunks of `batch_size` rows at the broker at once.
+const CHUNKS_IN_FLIGHT: usize = 4;
+/// Chunks per pass: the stamps commit at least this often.
+const PASS_CHUNKS: usize = 8;
 
 /// How the relay behaves; see `RelayArgs` for the knobs.
 #[derive(Debug, Clone)]
@@ -64,8 +75,9 @@ pub enum RelayOutcome {
     Idle,
     /// Another instance holds the relay lock.
     NotLeader,
-    /// This many rows were acknowledged and stamped; `failed` were not.
-    Published { published: usize, failed: usize },
+    /// This many rows were acknowledged and stamped; `failed` were not;
+    /// `more`: the pass stopped at its size limit, more rows may wait.
+    Published { published: usize, failed: usize, more: bool },
 }
 
 pub struct Relay {
@@ -95,65 +107,99 @@ impl Relay {
         self.wake.clone()
     }
 
-    /// Publishes at most one batch.
+    /// Publishes what is pending, up to `PASS_CHUNKS` chunks of
+    /// `batch_size` rows, keeping up to `CHUNKS_IN_FLIGHT` chunks at the
+    /// broker at once: while one chunk awaits its acks, the next ones are
+    /// read and enqueued, so the producer always has records to batch.
+    ///
+    /// One REPEATABLE READ transaction per pass: every chunk is read from
+    /// the same snapshot, so reading on from the last id seen never skips a
+    /// row that commits meanwhile and publishes a user's later change
+    /// before it (that row waits for the next pass, with everything after
+    /// it). Rows are stamped chunk by chunk as their acks arrive, and the
+    /// stamps commit with the pass.
     pub async fn relay_once(&mut self) -> anyhow::Result<RelayOutcome> {
         let mut client = self.pool.get().await.context("connecting to the users database")?;
-        let tx = client.transaction().await?;
+        let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await?;
         let leader: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?.try_get(0)?;
         if !leader {
             return Ok(RelayOutcome::NotLeader);
         }
-        let rows = tx.query(PENDING, &[&self.settings.batch_size]).await?;
-        if rows.is_empty() {
+        let mut in_flight = VecDeque::new();
+        let mut blocked_users = HashSet::new();
+        let (mut cursor, mut chunks, mut reading) = (0_i64, 0, true);
+        let (mut published, mut failed) = (0, 0);
+        loop {
+            while reading && in_flight.len() < CHUNKS_IN_FLIGHT && chunks < PASS_CHUNKS {
+                let rows = tx.query(PENDING, &[&cursor, &self.settings.batch_size]).await?;
+                let pending = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
+                chunks += 1;
+                reading = pending.len() as i64 == self.settings.batch_size;
+                let Some(last) = pending.last() else { break };
+                cursor = last.id;
+                let (deliveries, all_enqueued) = self.enqueue(&pending);
+                reading &= all_enqueued;
+                in_flight.push_back((pending, deliveries));
+            }
+            let Some((pending, deliveries)) = in_flight.pop_front() else { break };
+            let results = futures::future::join_all(deliveries).await;
+            let stamp = self.publishable(&pending, results, &mut blocked_users);
+            tx.execute("UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)", &[&stamp]).await?;
+            published += stamp.len();
+            failed += pending.len() - stamp.len();
+        }
+        if published + failed == 0 {
             return Ok(RelayOutcome::Idle);
         }
-        let pending = rows.iter().map(pending_from_row).collect::<Result<Vec<_>, _>>()?;
-        let delivered = self.send_in_order(&pending).await;
-        let published: Vec<i64> = delivered.iter().map(|p| p.id).collect();
-        tx.execute("UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)", &[&published]).await?;
         tx.commit().await.context("stamping published outbox rows")?;
-        let failed = pending.len() - published.len();
-        self.metrics.add("events_published_total", published.len() as i64);
+        self.metrics.add("events_published_total", published as i64);
         self.metrics.add("events_publish_failures_total", failed as i64);
-        Ok(RelayOutcome::Published { published: published.len(), failed })
+        Ok(RelayOutcome::Published { published, failed, more: reading })
     }
 
-    /// Enqueues every record in id order, then awaits the acknowledgements.
-    /// Returns the rows that may be stamped: delivered, and with no earlier
-    /// undelivered row of the same user, so a retry can never put a user's
-    /// older event after a newer one that was already stamped.
-    async fn send_in_order<'a>(&mut self, pending: &'a [Pending]) -> Vec<&'a Pending> {
-        let encoded: Vec<events::EncodedRecord> = pending.iter().map(|p| events::encode(&p.event)).collect();
+    /// Enqueues the chunk's records in id order; false if the producer
+    /// refused one (its queue is full or it is broken): the rest of the
+    /// chunk waits for a later pass.
+    fn enqueue(&self, pending: &[Pending]) -> (Vec<DeliveryFuture>, bool) {
         let mut deliveries = Vec::with_capacity(pending.len());
-        for record in &encoded {
+        for row in pending {
+            let record = events::encode(&row.event);
             let future_record = FutureRecord::to(&self.kafka.user_events_topic)
                 .key(&record.key)
                 .payload(&record.payload)
-                .headers(record.headers.clone());
+                .headers(record.headers);
             match self.producer.send_result(future_record) {
                 Ok(delivery) => deliveries.push(delivery),
-                // The local queue is full or the producer is broken: stop
-                // here, keep what was enqueued, retry the rest later.
                 Err((error, _)) => {
                     tracing::warn!(%error, "could not enqueue outbox record");
-                    break;
+                    return (deliveries, false);
                 }
             }
         }
-        let results = futures::future::join_all(deliveries).await;
-        let mut blocked_users = HashSet::new();
+        (deliveries, true)
+    }
+
+    /// The ids of the rows that may be stamped: delivered, and with no
+    /// earlier undelivered row of the same user in this pass, so a retry can
+    /// never put a user's older event after a newer one already stamped.
+    fn publishable(
+        &mut self,
+        pending: &[Pending],
+        results: Vec<Result<OwnedDeliveryResult, Canceled>>,
+        blocked_users: &mut HashSet<i64>,
+    ) -> Vec<i64> {
         let mut publishable = Vec::with_capacity(results.len());
-        for (row, result) in pending.iter().zip(results.iter().map(Some).chain(std::iter::repeat(None))) {
+        for (row, result) in pending.iter().zip(results.into_iter().map(Some).chain(std::iter::repeat_with(|| None))) {
             let ok = match result {
                 Some(Ok(Ok(_))) => true,
                 Some(Ok(Err((error, _)))) => {
-                    self.note_failure(error);
+                    self.note_failure(&error);
                     false
                 }
                 Some(Err(_)) | None => false,
             };
             if ok && !blocked_users.contains(&row.user_id) {
-                publishable.push(row);
+                publishable.push(row.id);
             } else {
                 blocked_users.insert(row.user_id);
             }
@@ -223,9 +269,7 @@ impl Relay {
         let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let wait = match self.relay_once().await {
-                Ok(RelayOutcome::Published { published, failed: 0 })
-                    if published as i64 >= self.settings.batch_size =>
-                {
+                Ok(RelayOutcome::Published { failed: 0, more: true, .. }) => {
                     backoff = Duration::from_millis(100);
                     continue;
                 }
