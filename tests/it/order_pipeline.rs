@@ -242,3 +242,44 @@ async fn an_orders_database_outage_is_retried_and_loses_nothing() -> TestResult 
     user.stop().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_partition_retried_past_the_bound_makes_the_order_service_not_serving_until_it_applies() -> TestResult {
+    let UsersSide { users_db, orders_db, kafka, user } = UsersSide::start().await;
+    let mut args = order_args(&orders_db, &kafka, &unique("order-service"));
+    args.replica.consumer.stall_after = Duration::from_secs(1);
+    let order = start_order(args).await;
+    wait_for_assignment(&order, 3).await;
+    let addr = order.addr.to_string();
+    let health = |service: &'static str, expected: &'static str| {
+        let addr = addr.clone();
+        move || {
+            let addr = addr.clone();
+            async move {
+                let status = msys::grpc::check_health(&addr, service, Duration::from_secs(2)).await.ok()?;
+                (status == expected).then_some(())
+            }
+        }
+    };
+    const ORDERS: &str = "msys.v1.OrderService";
+    eventually(Duration::from_secs(10), "the OrderService is SERVING", health(ORDERS, "SERVING")).await;
+
+    // A fault only the replica meets (SQLSTATE 42P01, not about the data):
+    // retried, never dead-lettered.
+    let orders = sql(&orders_db).await;
+    orders.execute("ALTER TABLE applied_events RENAME TO applied_events_away", &[]).await?;
+    let mut users = pb::user_service_client::UserServiceClient::new(user.channel().await);
+    users.create_user(pb::CreateUserRequest { name: "Stuck".into(), email: "stuck@example.org".into() }).await?;
+    eventually(Duration::from_secs(15), "the OrderService is NOT_SERVING", health(ORDERS, "NOT_SERVING")).await;
+    let status = msys::grpc::check_health(&addr, "", Duration::from_secs(2)).await?;
+    assert_eq!(status, "SERVING", "the server itself stays live: its database answers");
+    assert!(metric(order.channel().await, "events_apply_retries_total").await > 0);
+
+    orders.execute("ALTER TABLE applied_events_away RENAME TO applied_events", &[]).await?;
+    wait_until_replica_matches(&users_db, &orders_db).await;
+    eventually(Duration::from_secs(10), "the OrderService is SERVING again", health(ORDERS, "SERVING")).await;
+    assert_eq!(metric(order.channel().await, "events_dead_lettered_total").await, 0);
+    order.stop().await;
+    user.stop().await;
+    Ok(())
+}
