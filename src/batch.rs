@@ -17,7 +17,11 @@
 use std::{future::Future, sync::Arc};
 
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::{
+    sync::{Semaphore, mpsc, oneshot},
+    time::Instant,
+};
+use tokio_util::task::TaskTracker;
 
 /// How much a dispatcher may batch and how many batches it keeps at the database.
 #[derive(Debug, Clone, Copy)]
@@ -35,7 +39,8 @@ pub struct BatchLimits {
 #[error("the {0} batch was dropped before answering")]
 pub struct Dropped(&'static str);
 
-type Job<T, R> = (T, oneshot::Sender<R>);
+/// An item, its caller's deadline, and where its answer goes.
+type Job<T, R> = (T, Option<Instant>, oneshot::Sender<R>);
 
 /// A handle to submit items to one dispatcher; cheap to clone. The dispatcher
 /// stops once every handle is gone and its batches have finished.
@@ -54,22 +59,31 @@ impl<T, R> Clone for Batcher<T, R> {
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
-    /// Starts a dispatcher that runs `run` on each batch. `run` must answer
-    /// every item, in order: the i-th result goes to the i-th item. An item
-    /// it leaves unanswered gets [`Dropped`].
-    pub fn spawn<F, Fut>(name: &'static str, limits: BatchLimits, run: F) -> Self
+    /// Starts a dispatcher that runs `run` on each batch, with the latest
+    /// deadline of its callers (None if any caller has none). `run` must
+    /// answer every item, in order: the i-th result goes to the i-th item
+    /// (debug builds check the count). An item it leaves unanswered gets
+    /// [`Dropped`]. The dispatcher and its batches run on `tasks`, the role's
+    /// tracker, so a role waits for them when it stops.
+    pub fn spawn<F, Fut>(name: &'static str, limits: BatchLimits, tasks: &TaskTracker, run: F) -> Self
     where
-        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        F: Fn(Vec<T>, Option<Instant>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
-        Self::spawn_counted(name, limits, Gauge::default(), run)
+        Self::spawn_counted(name, limits, tasks, Gauge::default(), run)
     }
 
     /// Like [`Batcher::spawn`], keeping the number of queued items in `depth`
     /// (batchers given the same gauge add up in it).
-    pub fn spawn_counted<F, Fut>(name: &'static str, limits: BatchLimits, depth: Gauge, run: F) -> Self
+    pub fn spawn_counted<F, Fut>(
+        name: &'static str,
+        limits: BatchLimits,
+        tasks: &TaskTracker,
+        depth: Gauge,
+        run: F,
+    ) -> Self
     where
-        F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+        F: Fn(Vec<T>, Option<Instant>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<R>> + Send + 'static,
     {
         // Zero would mean a batch that never forms; the command line refuses it already.
@@ -77,15 +91,16 @@ impl<T: Send + 'static, R: Send + 'static> Batcher<T, R> {
         // Bounded: when the database falls behind, callers wait here instead
         // of growing an unbounded queue.
         let (queue, jobs) = mpsc::channel(max_batch * in_flight * 2);
-        tokio::spawn(dispatch(jobs, max_batch, in_flight, depth.clone(), Arc::new(run)));
+        tasks.spawn(dispatch(name, jobs, max_batch, in_flight, depth.clone(), Arc::new(run), tasks.clone()));
         Batcher { name, queue, depth }
     }
 
-    /// Submits one item and waits for its result.
-    pub async fn call(&self, item: T) -> Result<R, Dropped> {
+    /// Submits one item and waits for its result; `deadline` is when its
+    /// caller stops waiting.
+    pub async fn call(&self, item: T, deadline: Option<Instant>) -> Result<R, Dropped> {
         let (reply, answer) = oneshot::channel();
         let queued = Queued::enter(&self.depth);
-        self.queue.send((item, reply)).await.map_err(|_| Dropped(self.name))?;
+        self.queue.send((item, deadline, reply)).await.map_err(|_| Dropped(self.name))?;
         // In the queue now: the dispatcher takes it off the gauge.
         queued.handed_over();
         answer.await.map_err(|_| Dropped(self.name))
@@ -116,15 +131,17 @@ impl Drop for Queued<'_> {
 }
 
 async fn dispatch<T, R, F, Fut>(
+    name: &'static str,
     mut jobs: mpsc::Receiver<Job<T, R>>,
     max_batch: usize,
     in_flight: usize,
     depth: Gauge,
     run: Arc<F>,
+    tasks: TaskTracker,
 ) where
     T: Send + 'static,
     R: Send + 'static,
-    F: Fn(Vec<T>) -> Fut + Send + Sync + 'static,
+    F: Fn(Vec<T>, Option<Instant>) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Vec<R>> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(in_flight));
@@ -138,21 +155,44 @@ async fn dispatch<T, R, F, Fut>(
         }
         depth.dec_by(batch.len() as i64);
         let run = run.clone();
-        tokio::spawn(async move {
-            let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) = batch.into_iter().unzip();
-            let results = run(items).await;
+        tasks.spawn(async move {
+            // The batch may run as long as its most patient caller waits.
+            let deadline = batch
+                .iter()
+                .try_fold(None, |latest: Option<Instant>, (_, deadline, _)| {
+                    let deadline = (*deadline)?;
+                    Some(Some(latest.map_or(deadline, |latest| latest.max(deadline))))
+                })
+                .flatten();
+            let (items, replies): (Vec<T>, Vec<oneshot::Sender<R>>) =
+                batch.into_iter().map(|(item, _, reply)| (item, reply)).unzip();
+            let results = run(items, deadline).await;
             drop(slot);
-            // A caller that gave up has dropped its receiver; nothing to do.
-            for (reply, result) in replies.into_iter().zip(results) {
-                let _ = reply.send(result);
-            }
+            answer(name, replies, results);
         });
+    }
+}
+
+/// Gives the i-th result to the i-th caller. A batch function that returns
+/// fewer or more results than items is a bug: debug builds stop on it, and
+/// release builds log it (the callers left over get [`Dropped`]).
+fn answer<R>(name: &'static str, replies: Vec<oneshot::Sender<R>>, results: Vec<R>) {
+    if results.len() != replies.len() {
+        tracing::error!(batch = name, items = replies.len(), results = results.len(), "batch answered a wrong count");
+        debug_assert_eq!(results.len(), replies.len(), "the {name} batch must answer every item exactly once");
+    }
+    // A caller that gave up has dropped its receiver; nothing to do.
+    for (reply, result) in replies.into_iter().zip(results) {
+        let _ = reply.send(result);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Mutex, MutexGuard, PoisonError};
+    use std::{
+        sync::{Mutex, MutexGuard, PoisonError},
+        time::Duration,
+    };
 
     use super::*;
 
@@ -163,13 +203,26 @@ mod tests {
         seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Spins (yielding) until `done`, failing the test after 10 s instead of hanging CI.
+    async fn spin_until(what: &str, mut done: impl FnMut() -> bool) {
+        let spin = async {
+            while !done() {
+                tokio::task::yield_now().await;
+            }
+        };
+        assert!(tokio::time::timeout(Duration::from_secs(10), spin).await.is_ok(), "timed out waiting until {what}");
+    }
+
     #[tokio::test]
     async fn a_lone_request_is_sent_at_once_and_answered() -> TestResult {
-        let batcher =
-            Batcher::spawn("test", BatchLimits { max_batch: 8, in_flight: 1 }, |items: Vec<u32>| async move {
-                items.into_iter().map(|i| i * 2).collect::<Vec<_>>()
-            });
-        assert_eq!(batcher.call(21).await?, 42);
+        let tasks = TaskTracker::new();
+        let batcher = Batcher::spawn(
+            "test",
+            BatchLimits { max_batch: 8, in_flight: 1 },
+            &tasks,
+            |items: Vec<u32>, _| async move { items.into_iter().map(|i| i * 2).collect::<Vec<_>>() },
+        );
+        assert_eq!(batcher.call(21, None).await?, 42);
         Ok(())
     }
 
@@ -178,7 +231,9 @@ mod tests {
         let batch_sizes = Arc::new(Mutex::new(Vec::new()));
         let (release, gate) = tokio::sync::watch::channel(false);
         let seen = batch_sizes.clone();
-        let batcher = Batcher::spawn("test", BatchLimits { max_batch: 100, in_flight: 1 }, move |items: Vec<u32>| {
+        let tasks = TaskTracker::new();
+        let limits = BatchLimits { max_batch: 100, in_flight: 1 };
+        let batcher = Batcher::spawn("test", limits, &tasks, move |items: Vec<u32>, _| {
             sizes(&seen).push(items.len());
             let mut gate = gate.clone();
             async move {
@@ -188,21 +243,17 @@ mod tests {
         });
         let first = tokio::spawn({
             let b = batcher.clone();
-            async move { b.call(0).await }
+            async move { b.call(0, None).await }
         });
         // Until the first batch is at the "database", the others must queue.
-        while sizes(&batch_sizes).is_empty() {
-            tokio::task::yield_now().await;
-        }
+        spin_until("the first batch runs", || !sizes(&batch_sizes).is_empty()).await;
         let rest: Vec<_> = (1..=10)
             .map(|i| {
                 let b = batcher.clone();
-                tokio::spawn(async move { b.call(i).await })
+                tokio::spawn(async move { b.call(i, None).await })
             })
             .collect();
-        while batcher.queue.capacity() > batcher.queue.max_capacity() - 10 {
-            tokio::task::yield_now().await;
-        }
+        spin_until("ten calls queue", || batcher.queue.capacity() <= batcher.queue.max_capacity() - 10).await;
         release.send(true)?;
         assert_eq!(first.await??, 1000);
         for (i, task) in rest.into_iter().enumerate() {
@@ -219,7 +270,8 @@ mod tests {
         let started = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let seen = started.clone();
         let limits = BatchLimits { max_batch: 100, in_flight: 1 };
-        let batcher = Batcher::spawn_counted("test", limits, depth.clone(), move |items: Vec<u32>| {
+        let tasks = TaskTracker::new();
+        let batcher = Batcher::spawn_counted("test", limits, &tasks, depth.clone(), move |items: Vec<u32>, _| {
             seen.store(true, std::sync::atomic::Ordering::SeqCst);
             let mut gate = gate.clone();
             async move {
@@ -229,17 +281,13 @@ mod tests {
         });
         let call = |i| {
             let b = batcher.clone();
-            tokio::spawn(async move { b.call(i).await })
+            tokio::spawn(async move { b.call(i, None).await })
         };
         let mut calls = vec![call(0)];
         // The first item is at the (blocked) database: the next four must wait in the queue.
-        while !started.load(std::sync::atomic::Ordering::SeqCst) {
-            tokio::task::yield_now().await;
-        }
+        spin_until("the first batch runs", || started.load(std::sync::atomic::Ordering::SeqCst)).await;
         calls.extend((1..5).map(call));
-        while depth.get() != 4 {
-            tokio::task::yield_now().await;
-        }
+        spin_until("four items queue", || depth.get() == 4).await;
         release.send(true)?;
         for call in calls {
             call.await??;
@@ -250,9 +298,66 @@ mod tests {
 
     #[tokio::test]
     async fn an_item_the_batch_leaves_unanswered_gets_an_error_not_a_hang() {
-        let batcher = Batcher::spawn("test", BatchLimits { max_batch: 8, in_flight: 1 }, |_: Vec<u32>| async move {
-            Vec::<u32>::new()
+        let tasks = TaskTracker::new();
+        let limits = BatchLimits { max_batch: 8, in_flight: 1 };
+        // Release builds only log a wrong count; debug builds panic in the
+        // batch task, which drops the reply: either way the caller hears.
+        let batcher = Batcher::spawn("test", limits, &tasks, |_: Vec<u32>, _| async move { Vec::<u32>::new() });
+        let answer = tokio::time::timeout(Duration::from_secs(10), batcher.call(1, None)).await;
+        assert!(matches!(answer, Ok(Err(_))), "the caller is told, promptly");
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "must answer every item exactly once")]
+    fn debug_builds_stop_on_a_batch_that_answers_a_wrong_count() {
+        let (reply, _answer) = oneshot::channel::<u32>();
+        answer("test", vec![reply], vec![1, 2]);
+    }
+
+    #[tokio::test]
+    async fn the_dispatcher_and_its_batches_run_on_the_roles_task_tracker() -> TestResult {
+        let tasks = TaskTracker::new();
+        let (release, gate) = tokio::sync::watch::channel(false);
+        let limits = BatchLimits { max_batch: 8, in_flight: 1 };
+        let batcher = Batcher::spawn("test", limits, &tasks, move |items: Vec<u32>, _| {
+            let mut gate = gate.clone();
+            async move {
+                let _ = gate.wait_for(|open| *open).await;
+                items
+            }
         });
-        assert!(batcher.call(1).await.is_err());
+        let call = tokio::spawn({
+            let b = batcher.clone();
+            async move { b.call(7, None).await }
+        });
+        spin_until("the dispatcher and the batch are tracked", || tasks.len() == 2).await;
+        drop(batcher);
+        tasks.close();
+        // The role waits for the batch in flight; it ends once answered.
+        assert!(tokio::time::timeout(Duration::from_millis(100), tasks.wait()).await.is_err());
+        release.send(true)?;
+        tokio::time::timeout(Duration::from_secs(10), tasks.wait()).await?;
+        assert_eq!(call.await??, 7);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_batch_runs_with_its_most_patient_callers_deadline_or_none() -> TestResult {
+        let tasks = TaskTracker::new();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let limits = BatchLimits { max_batch: 8, in_flight: 1 };
+        let batcher = Batcher::spawn("test", limits, &tasks, {
+            let seen = seen.clone();
+            move |items: Vec<u32>, deadline| {
+                seen.lock().unwrap_or_else(PoisonError::into_inner).push(deadline);
+                async move { items }
+            }
+        });
+        let soon = Instant::now() + Duration::from_secs(5);
+        batcher.call(1, Some(soon)).await?;
+        batcher.call(2, None).await?;
+        assert_eq!(*seen.lock().unwrap_or_else(PoisonError::into_inner), vec![Some(soon), None]);
+        Ok(())
     }
 }

@@ -25,6 +25,17 @@ pub enum ServiceError {
     /// the client may retry.
     #[error("{0}")]
     Unavailable(String, #[source] Option<anyhow::Error>),
+    /// A conflict with a concurrent transaction (serialization failure,
+    /// deadlock): the whole call may be retried as it is.
+    #[error("{0}")]
+    Aborted(String, #[source] Option<anyhow::Error>),
+    /// The caller's deadline passed, here or at the database.
+    #[error("{0}")]
+    DeadlineExceeded(String),
+    /// Too much at once: the server or the database is at its limit; retry
+    /// later, with backoff.
+    #[error("{0}")]
+    ResourceExhausted(String),
     #[error(transparent)]
     Unexpected(#[from] anyhow::Error),
     /// One failure answered to every request of a batch (see `batch`).
@@ -43,6 +54,17 @@ impl From<DbError> for ServiceError {
         match error {
             DbError::Unavailable(source) => {
                 ServiceError::Unavailable("database unavailable, try again".into(), Some(source))
+            }
+            DbError::Conflict(source) => ServiceError::Aborted(
+                "the request conflicted with a concurrent one and was rolled back; try again".into(),
+                Some(source.into()),
+            ),
+            DbError::TimedOut => {
+                ServiceError::DeadlineExceeded("the deadline passed before the database answered".into())
+            }
+            DbError::Exhausted(source) => {
+                tracing::warn!(error.cause_chain = ?source, "database refused a connection: too many connections");
+                ServiceError::ResourceExhausted("the database has no connection to spare; retry with backoff".into())
             }
             DbError::Decode(column, source) => {
                 ServiceError::Unexpected(anyhow::Error::new(source).context(format!("reading column {column}")))
@@ -68,6 +90,9 @@ fn status(error: &ServiceError) -> Status {
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
         ServiceError::Unavailable(..) => Code::Unavailable,
+        ServiceError::Aborted(..) => Code::Aborted,
+        ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+        ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
         ServiceError::Unexpected(_) => Code::Internal,
         ServiceError::Shared(inner) => return status(inner),
     };
@@ -79,6 +104,10 @@ fn status(error: &ServiceError) -> Status {
         ServiceError::Unavailable(message, cause) => {
             tracing::warn!(error.message = %message, error.cause_chain = ?cause, "dependency unavailable");
             Status::unavailable(message.clone())
+        }
+        ServiceError::Aborted(message, cause) => {
+            tracing::info!(error.message = %message, error.cause_chain = ?cause, "transaction conflict");
+            Status::aborted(message.clone())
         }
         _ => Status::new(code, error.to_string()),
     }

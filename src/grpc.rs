@@ -15,6 +15,7 @@ use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::Healt
 
 use crate::{
     metrics::{MetricsLayer, Registry},
+    overload::ConcurrencyLimit,
     pb::{self, metrics_service_server::MetricsServiceServer},
 };
 
@@ -24,6 +25,9 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding gRPC port {addr}"))
 }
 
+/// RPCs served at once by a role that sets no limit of its own.
+pub const DEFAULT_MAX_CONCURRENT: usize = 1000;
+
 /// Serves `routes` (the role's services and its health service) until
 /// `shutdown` fires, then lets in-flight RPCs finish for at most `grace`.
 pub async fn serve(
@@ -32,6 +36,18 @@ pub async fn serve(
     metrics: Registry,
     shutdown: CancellationToken,
     grace: Duration,
+) -> anyhow::Result<()> {
+    serve_limited(listener, routes, metrics, shutdown, grace, DEFAULT_MAX_CONCURRENT).await
+}
+
+/// [`serve`], shedding RPCs beyond `max_concurrent` at once (see `overload`).
+pub async fn serve_limited(
+    listener: TcpListener,
+    routes: Routes,
+    metrics: Registry,
+    shutdown: CancellationToken,
+    grace: Duration,
+    max_concurrent: usize,
 ) -> anyhow::Result<()> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
@@ -46,6 +62,7 @@ pub async fn serve(
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = Server::builder()
         .layer(MetricsLayer::new(metrics))
+        .layer(ConcurrencyLimit::new(max_concurrent))
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server);

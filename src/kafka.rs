@@ -21,6 +21,9 @@ use crate::config::KafkaArgs;
 pub fn client_config(args: &KafkaArgs, client_id: &str) -> ClientConfig {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", args.bootstrap_servers()).set("client.id", client_id).set("log_level", "4");
+    for (key, value) in args.security.properties() {
+        config.set(key, value);
+    }
     config
 }
 

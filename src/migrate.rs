@@ -19,8 +19,10 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const USERS: &[Migration] =
-    &[Migration { version: 1, name: "users_and_outbox", sql: include_str!("migrate/users/0001_users_and_outbox.sql") }];
+pub const USERS: &[Migration] = &[
+    Migration { version: 1, name: "users_and_outbox", sql: include_str!("migrate/users/0001_users_and_outbox.sql") },
+    Migration { version: 2, name: "idempotency_keys", sql: include_str!("migrate/users/0002_idempotency_keys.sql") },
+];
 
 pub const ORDERS: &[Migration] = &[
     Migration {

@@ -2,6 +2,7 @@
 //! the users it learns about from `user-events`.
 
 pub mod apply;
+pub mod arrivals;
 pub mod domain;
 pub mod partition;
 pub mod replica;
@@ -17,13 +18,17 @@ use tokio::net::TcpListener;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tonic::service::Routes;
 
-use self::replica::{Replica, ReplicaSettings};
+use self::{
+    arrivals::Arrivals,
+    replica::{Replica, ReplicaSettings},
+};
 use crate::{
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, ServerArgs},
     db, grpc,
     metrics::{self, Registry},
     migrate,
     pb::order_service_server::OrderServiceServer,
+    shutdown::{self, Supervisor},
 };
 
 const SERVICE_NAME: &str = "msys.v1.OrderService";
@@ -59,6 +64,11 @@ pub struct ReplicaArgs {
     /// answering FAILED_PRECONDITION.
     #[arg(long, env = "ORDER_USER_WAIT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub user_wait: Duration,
+    /// CreateOrder calls waiting for their user at once at most; more are
+    /// answered RESOURCE_EXHAUSTED instead of piling up.
+    #[arg(long, env = "ORDER_MAX_USER_WAITERS", default_value_t = 1000,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub max_user_waiters: usize,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
 }
@@ -114,7 +124,8 @@ pub struct OrderRole {
     replica: Replica,
     metrics: Registry,
     user_wait: Duration,
-    grace: Duration,
+    max_user_waiters: usize,
+    server: ServerArgs,
 }
 
 impl OrderRole {
@@ -146,7 +157,8 @@ impl OrderRole {
             replica,
             metrics,
             user_wait: args.replica.user_wait,
-            grace: args.server.shutdown_grace,
+            max_user_waiters: args.replica.max_user_waiters,
+            server: args.server,
         })
     }
 
@@ -159,18 +171,23 @@ impl OrderRole {
         Ok(self.metrics_listener.local_addr()?)
     }
 
-    /// Serves and consumes until `shutdown`; then stops taking RPCs, lets
-    /// in-flight ones finish, commits offsets and leaves the group.
+    /// Serves and consumes until `shutdown`, or until a background task
+    /// dies; then reports NOT_SERVING, keeps serving for the drain delay,
+    /// stops taking RPCs, lets in-flight ones finish, commits offsets and
+    /// leaves the group.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let OrderRole { listener, metrics_listener, pool, replica, metrics, user_wait, grace } = self;
+        let OrderRole { listener, metrics_listener, pool, replica, metrics, user_wait, max_user_waiters, server } =
+            self;
         tracing::info!(addr = %listener.local_addr()?, "order service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
-        let api = service::OrderApi::new(pool.clone(), replica.applied_signal(), user_wait);
+        let arrivals = Arrivals::with_signal(replica.applied_signal());
+        let api = service::OrderApi::new(pool.clone(), arrivals.clone(), user_wait, max_user_waiters);
         let routes = Routes::new(health).add_service(OrderServiceServer::new(api));
 
         let tasks = TaskTracker::new();
-        let background = shutdown.child_token();
+        let role = shutdown.child_token();
+        let supervisor = Supervisor::new(tasks.clone(), role.clone());
         // The server is SERVING while the orders database answers; the
         // OrderService once the consumer has joined its group too, so
         // "ready" means CreateOrder sees users as soon as they are created;
@@ -178,8 +195,9 @@ impl OrderRole {
         // it NOT_SERVING, with the reason logged when it changes.
         let shared = replica.shared();
         let mut last_reason = None;
+        let probe_pool = pool.clone();
         let probe = move || {
-            let (pool, shared) = (pool.clone(), shared.clone());
+            let (pool, shared) = (probe_pool.clone(), shared.clone());
             let stalled = shared.stalled();
             if stalled != last_reason {
                 match &stalled {
@@ -195,24 +213,39 @@ impl OrderRole {
                 grpc::Probe { database, ready: joined && stalled.is_none() }
             }
         };
-        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);
-        tasks.spawn(metrics::http::run(metrics_listener, metrics.clone(), background.clone()));
-        let consumer_stop = CancellationToken::new();
-        let consumer = tasks.spawn(replica.run(consumer_stop.clone()));
+        let watcher = CancellationToken::new();
+        let watch = grpc::watch_health(reporter.clone(), SERVICE_NAME, watcher.clone(), probe).await;
+        supervisor.spawn("health watcher", watcher.clone(), watch);
+        // The consumer and the sweep stop after the RPCs drained: CreateOrder
+        // calls still in flight may be waiting for an event about to land.
+        let background = CancellationToken::new();
+        let serving_metrics = metrics::http::run(metrics_listener, metrics.clone(), background.clone());
+        supervisor.spawn("metrics endpoint", background.clone(), serving_metrics);
+        let consumer = supervisor.spawn("event consumer", background.clone(), replica.run(background.clone()));
+        supervisor.spawn("arrivals sweep", background.clone(), arrivals.sweep(pool, background.clone()));
+        let stop_accepting = CancellationToken::new();
+        tasks.spawn(shutdown::drain_in_order(
+            role.clone(),
+            watcher.clone(),
+            reporter.clone(),
+            &[SERVICE_NAME],
+            server.drain_delay,
+            stop_accepting.clone(),
+        ));
         tasks.close();
 
-        let served = grpc::serve(listener, routes, metrics, shutdown.clone(), grace).await;
+        let (grace, limit) = (server.shutdown_grace, server.max_concurrent_requests);
+        let served = grpc::serve_limited(listener, routes, metrics, stop_accepting.clone(), grace, limit).await;
+        stop_accepting.cancel();
+        watcher.cancel();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
-        // The consumer stops after the RPCs drained: CreateOrder calls still
-        // in flight may be waiting for an event it is about to apply.
-        consumer_stop.cancel();
         background.cancel();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop within the grace period");
             consumer.abort();
         }
         tracing::info!("order service stopped");
-        served
+        served.and(supervisor.result())
     }
 }
 

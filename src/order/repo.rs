@@ -6,11 +6,12 @@
 use std::time::SystemTime;
 
 use deadpool_postgres::Pool;
+use tokio::time::Instant;
 use tokio_postgres::Row;
 
 use super::domain::{NewOrder, status_from_db};
 use crate::{
-    db::{DbError, col},
+    db::{self, DbError, col},
     error::ServiceError,
     pb,
     validate::Page,
@@ -24,18 +25,12 @@ INSERT INTO orders (user_id, product, quantity)
 SELECT user_id, $2, $3 FROM u
 RETURNING id, user_id, product, quantity, status, cancel_reason, created_at, updated_at";
 
-/// Cancels an open order, or returns it unchanged if it was cancelled
-/// already; no row means no such order.
+/// Cancels an open order. No row means it was not open: cancelled already
+/// (see [`cancel`]) or not there at all.
 const CANCEL: &str = "
-WITH c AS (
-    UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
-     WHERE id = $1 AND status = 'OPEN'
-    RETURNING id, user_id, product, quantity, status, cancel_reason, created_at, updated_at
-)
-SELECT * FROM c
-UNION ALL
-SELECT id, user_id, product, quantity, status, cancel_reason, created_at, updated_at
-  FROM orders WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM c)";
+UPDATE orders SET status = 'CANCELLED', cancel_reason = $2, updated_at = now()
+ WHERE id = $1 AND status = 'OPEN'
+RETURNING id, user_id, product, quantity, status, cancel_reason, created_at, updated_at";
 
 const COLUMNS: &str = "id, user_id, product, quantity, status, cancel_reason, created_at, updated_at";
 
@@ -65,13 +60,12 @@ fn order_from_row(row: &Row) -> Result<pb::Order, DbError> {
     })
 }
 
-pub async fn place(pool: &Pool, order: &NewOrder) -> Result<Placement, ServiceError> {
+pub async fn place(pool: &Pool, order: &NewOrder, deadline: Option<Instant>) -> Result<Placement, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(PLACE).await.map_err(DbError::from)?;
-    let placed = client
-        .query_opt(&statement, &[&order.user_id, &order.product, &order.quantity])
-        .await
-        .map_err(DbError::from)?;
+    let placed =
+        db::within(&client, deadline, client.query_opt(&statement, &[&order.user_id, &order.product, &order.quantity]))
+            .await?;
     if let Some(row) = placed {
         return Ok(Placement::Placed(order_from_row(&row)?));
     }
@@ -82,16 +76,21 @@ pub async fn place(pool: &Pool, order: &NewOrder) -> Result<Placement, ServiceEr
     Ok(if deleted.is_some() { Placement::DeletedUser } else { Placement::UnknownUser })
 }
 
-pub async fn get(pool: &Pool, id: i64) -> Result<pb::Order, ServiceError> {
+pub async fn get(pool: &Pool, id: i64, deadline: Option<Instant>) -> Result<pb::Order, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement =
         client.prepare_cached(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).await.map_err(DbError::from)?;
-    let row = client.query_opt(&statement, &[&id]).await.map_err(DbError::from)?;
+    let row = db::within(&client, deadline, client.query_opt(&statement, &[&id])).await?;
     Ok(order_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
 /// One page of a user's orders, newest first.
-pub async fn list(pool: &Pool, user_id: i64, page: Page) -> Result<(Vec<pb::Order>, Option<String>), ServiceError> {
+pub async fn list(
+    pool: &Pool,
+    user_id: i64,
+    page: Page,
+    deadline: Option<Instant>,
+) -> Result<(Vec<pb::Order>, Option<String>), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client
         .prepare_cached(&format!(
@@ -101,16 +100,27 @@ pub async fn list(pool: &Pool, user_id: i64, page: Page) -> Result<(Vec<pb::Orde
         .map_err(DbError::from)?;
     let before = page.after.unwrap_or(i64::MAX);
     let limit = i64::from(page.size) + 1;
-    let rows = client.query(&statement, &[&user_id, &before, &limit]).await.map_err(DbError::from)?;
+    let rows = db::within(&client, deadline, client.query(&statement, &[&user_id, &before, &limit])).await?;
     let mut orders = rows.iter().map(order_from_row).collect::<Result<Vec<_>, _>>()?;
     let next = page.cut(&mut orders, |o| o.id);
     Ok((orders, next))
 }
 
-pub async fn cancel(pool: &Pool, id: i64, reason: &str) -> Result<pb::Order, ServiceError> {
+/// Cancels an order, or returns it as it is if it was cancelled already.
+/// Two statements, not one: under READ COMMITTED an UPDATE that waited for a
+/// concurrent cancel sees the new row, but the rest of its statement reads
+/// the snapshot taken before the wait, where the order was still OPEN. The
+/// second statement takes a new snapshot, so the loser of a race reads the
+/// winner's CANCELLED.
+pub async fn cancel(pool: &Pool, id: i64, reason: &str, deadline: Option<Instant>) -> Result<pb::Order, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(CANCEL).await.map_err(DbError::from)?;
-    let row = client.query_opt(&statement, &[&id, &reason]).await.map_err(DbError::from)?;
+    if let Some(row) = db::within(&client, deadline, client.query_opt(&statement, &[&id, &reason])).await? {
+        return Ok(order_from_row(&row)?);
+    }
+    let current =
+        client.prepare_cached(&format!("SELECT {COLUMNS} FROM orders WHERE id = $1")).await.map_err(DbError::from)?;
+    let row = db::within(&client, deadline, client.query_opt(&current, &[&id])).await?;
     Ok(order_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 

@@ -3,65 +3,98 @@
 use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
-use tokio::{sync::Notify, time::Instant};
+use tokio::{sync::Semaphore, time::Instant};
 use tonic::{Request, Response, Status};
 
 use super::{
+    arrivals::Arrivals,
     domain::{NewOrder, cancel_reason},
     repo::{self, Placement},
 };
 use crate::{
+    deadline,
     error::ServiceError,
     pb::{self, order_service_server::OrderService},
     validate::{Page, parse_id},
 };
 
-/// How often a waiting CreateOrder looks again when the event may be
-/// applied by another order process (whose progress rings no bell here).
-const RECHECK: Duration = Duration::from_millis(50);
-
 pub struct OrderApi {
     pool: Pool,
-    applied: Arc<Notify>,
+    arrivals: Arrivals,
     user_wait: Duration,
+    /// Bounds the CreateOrder calls waiting for a user at once: each holds a
+    /// request and a registration, and an unbounded number of them is how a
+    /// burst of orders for not-yet-known users would exhaust the process.
+    waiters: Arc<Semaphore>,
+    max_waiters: usize,
 }
 
 impl OrderApi {
-    pub fn new(pool: Pool, applied: Arc<Notify>, user_wait: Duration) -> Self {
-        OrderApi { pool, applied, user_wait }
+    pub fn new(pool: Pool, arrivals: Arrivals, user_wait: Duration, max_waiters: usize) -> Self {
+        let max_waiters = max_waiters.max(1);
+        OrderApi { pool, arrivals, user_wait, waiters: Arc::new(Semaphore::new(max_waiters)), max_waiters }
     }
 
     /// Places the order, giving a user created a moment ago up to
-    /// `user_wait` for its event to be applied here. We wait rather than ask
-    /// the user service: the order service then keeps working while the
-    /// user service is down, and the answer is always the one the replica
-    /// will give a moment later. A deleted user is refused at once.
-    async fn place(&self, order: &NewOrder) -> Result<pb::Order, ServiceError> {
-        let deadline = Instant::now() + self.user_wait;
+    /// `user_wait` (or less, if the caller's deadline is nearer) for its
+    /// event to be applied here. We wait rather than ask the user service:
+    /// the order service then keeps working while the user service is down,
+    /// and the answer is always the one the replica will give a moment later.
+    /// A deleted user is refused at once.
+    async fn place(&self, order: &NewOrder, deadline: Option<Instant>) -> Result<pb::Order, ServiceError> {
+        let wait_until = (Instant::now() + self.user_wait).min(deadline.unwrap_or_else(far_future));
+        if let Some(placed) = self.try_place(order, deadline, wait_until).await? {
+            return Ok(placed);
+        }
+        // Not known yet: take a waiter's place, if one is free, and wait for
+        // this user's bell (or the end of the wait) before each new look.
+        let _permit = self.waiters.clone().try_acquire_owned().map_err(|_| {
+            ServiceError::ResourceExhausted(format!(
+                "user {} is not known yet and {} CreateOrder calls already wait for their users \
+                 (ORDER_MAX_USER_WAITERS); retry later",
+                order.user_id, self.max_waiters
+            ))
+        })?;
+        let waiter = self.arrivals.expect(order.user_id);
         loop {
-            // Registered before looking, so an event applied in between
-            // still wakes us.
-            let applied = self.applied.notified();
-            tokio::pin!(applied);
-            applied.as_mut().enable();
-            match repo::place(&self.pool, order).await? {
-                Placement::Placed(placed) => return Ok(placed),
-                Placement::DeletedUser => {
-                    return Err(ServiceError::FailedPrecondition(format!("user {} was deleted", order.user_id)));
-                }
-                Placement::UnknownUser if Instant::now() >= deadline => {
-                    return Err(ServiceError::FailedPrecondition(format!("user {} does not exist", order.user_id)));
-                }
-                Placement::UnknownUser => {
-                    let wake = (Instant::now() + RECHECK).min(deadline);
-                    tokio::select! {
-                        _ = applied => {}
-                        _ = tokio::time::sleep_until(wake) => {}
-                    }
-                }
+            // Enabled before looking, so an arrival in between still wakes us.
+            let bell = waiter.bell().notified();
+            tokio::pin!(bell);
+            bell.as_mut().enable();
+            if let Some(placed) = self.try_place(order, deadline, wait_until).await? {
+                return Ok(placed);
+            }
+            tokio::select! {
+                _ = bell => {}
+                _ = tokio::time::sleep_until(wait_until) => {}
             }
         }
     }
+
+    /// One attempt: the order, or None if the user is not known yet and
+    /// there is time left to wait for them.
+    async fn try_place(
+        &self,
+        order: &NewOrder,
+        deadline: Option<Instant>,
+        wait_until: Instant,
+    ) -> Result<Option<pb::Order>, ServiceError> {
+        match repo::place(&self.pool, order, deadline).await? {
+            Placement::Placed(placed) => Ok(Some(placed)),
+            Placement::DeletedUser => {
+                Err(ServiceError::FailedPrecondition(format!("user {} was deleted", order.user_id)))
+            }
+            Placement::UnknownUser if Instant::now() >= wait_until => {
+                Err(ServiceError::FailedPrecondition(format!("user {} does not exist", order.user_id)))
+            }
+            Placement::UnknownUser => Ok(None),
+        }
+    }
+}
+
+/// A deadline that never comes, for `min` with one that may not exist.
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365)
 }
 
 #[tonic::async_trait]
@@ -69,7 +102,7 @@ impl OrderService for OrderApi {
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().user_id))]
     async fn create_order(&self, request: Request<pb::CreateOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let order = NewOrder::parse(request.get_ref())?;
-        let placed = self.place(&order).await?;
+        let placed = self.place(&order, deadline::of(request.metadata())).await?;
         tracing::info!(order.id = placed.id, "placed order");
         Ok(Response::new(placed))
     }
@@ -77,7 +110,7 @@ impl OrderService for OrderApi {
     #[tracing::instrument(level = "debug", skip_all, fields(order.id = request.get_ref().id))]
     async fn get_order(&self, request: Request<pb::GetOrderRequest>) -> Result<Response<pb::Order>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
-        Ok(Response::new(repo::get(&self.pool, id).await?))
+        Ok(Response::new(repo::get(&self.pool, id, deadline::of(request.metadata())).await?))
     }
 
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = request.get_ref().user_id))]
@@ -85,18 +118,20 @@ impl OrderService for OrderApi {
         &self,
         request: Request<pb::ListOrdersRequest>,
     ) -> Result<Response<pb::ListOrdersResponse>, Status> {
+        let deadline = deadline::of(request.metadata());
         let request = request.get_ref();
         let user_id = parse_id("user_id", request.user_id)?;
         let page = Page::parse(request.page_size, &request.page_token)?;
-        let (orders, next) = repo::list(&self.pool, user_id, page).await?;
+        let (orders, next) = repo::list(&self.pool, user_id, page, deadline).await?;
         Ok(Response::new(pb::ListOrdersResponse { orders, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(skip_all, fields(order.id = request.get_ref().id))]
     async fn cancel_order(&self, request: Request<pb::CancelOrderRequest>) -> Result<Response<pb::Order>, Status> {
+        let deadline = deadline::of(request.metadata());
         let request = request.get_ref();
         let id = parse_id("id", request.id)?;
         let reason = cancel_reason(&request.reason)?;
-        Ok(Response::new(repo::cancel(&self.pool, id, &reason).await?))
+        Ok(Response::new(repo::cancel(&self.pool, id, &reason, deadline).await?))
     }
 }

@@ -23,6 +23,7 @@ use crate::{
     metrics::{self, Registry},
     migrate,
     pb::user_service_server::UserServiceServer,
+    shutdown::{self, Supervisor},
 };
 
 const SERVICE_NAME: &str = "msys.v1.UserService";
@@ -102,7 +103,7 @@ pub struct UserRole {
     relay: Relay,
     metrics: Registry,
     batch: BatchLimits,
-    grace: Duration,
+    server: ServerArgs,
 }
 
 impl UserRole {
@@ -123,7 +124,7 @@ impl UserRole {
             relay,
             metrics,
             batch: (&args.batch).into(),
-            grace: args.server.shutdown_grace,
+            server: args.server,
         })
     }
 
@@ -136,20 +137,26 @@ impl UserRole {
         Ok(self.metrics_listener.local_addr()?)
     }
 
-    /// Serves and relays until `shutdown`; then drains RPCs, stops the relay
-    /// and flushes the producer.
+    /// Serves and relays until `shutdown`, or until a background task dies;
+    /// then reports NOT_SERVING, keeps serving for the drain delay, stops
+    /// taking RPCs, drains them, stops the relay and flushes the producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let UserRole { listener, metrics_listener, pool, relay, metrics, batch, grace } = self;
+        let UserRole { listener, metrics_listener, pool, relay, metrics, batch, server } = self;
         tracing::info!(addr = %listener.local_addr()?, "user service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
-        let api = service::UserApi::new(pool.clone(), relay.waker(), batch, metrics.clone());
+        let tasks = TaskTracker::new();
+        let role = shutdown.child_token();
+        let supervisor = Supervisor::new(tasks.clone(), role.clone());
+        let api = service::UserApi::new(pool.clone(), relay.waker(), batch, metrics.clone(), &tasks);
         let routes = Routes::new(health).add_service(UserServiceServer::new(api));
 
-        let tasks = TaskTracker::new();
-        let background = shutdown.child_token();
-        tasks.spawn(relay.run(background.clone()));
-        tasks.spawn(metrics::http::run(metrics_listener, metrics.clone(), background.clone()));
+        // The relay goes on through the drain: requests taken meanwhile
+        // still have their events published by this process.
+        let background = CancellationToken::new();
+        supervisor.spawn("outbox relay", background.clone(), relay.run(background.clone()));
+        let serving_metrics = metrics::http::run(metrics_listener, metrics.clone(), background.clone());
+        supervisor.spawn("metrics endpoint", background.clone(), serving_metrics);
         // SERVING while the database answers. The broker is deliberately not
         // part of it: while Kafka is away the service still takes every
         // request and the outbox holds the events, so it is healthy; the
@@ -167,19 +174,33 @@ impl UserRole {
                 grpc::Probe { database: up, ready: up }
             }
         };
-        tasks.spawn(grpc::watch_health(reporter.clone(), SERVICE_NAME, background.clone(), probe).await);
+        let watcher = CancellationToken::new();
+        let watch = grpc::watch_health(reporter.clone(), SERVICE_NAME, watcher.clone(), probe).await;
+        supervisor.spawn("health watcher", watcher.clone(), watch);
+        let stop_accepting = CancellationToken::new();
+        tasks.spawn(shutdown::drain_in_order(
+            role.clone(),
+            watcher.clone(),
+            reporter.clone(),
+            &[SERVICE_NAME],
+            server.drain_delay,
+            stop_accepting.clone(),
+        ));
         tasks.close();
 
-        let served = grpc::serve(listener, routes, metrics, shutdown.clone(), grace).await;
-        // The server stops on `shutdown`, or on its own if it failed: either
-        // way the background tasks go too.
+        let (grace, limit) = (server.shutdown_grace, server.max_concurrent_requests);
+        let served = grpc::serve_limited(listener, routes, metrics, stop_accepting.clone(), grace, limit).await;
+        // The server stops after the drain, or on its own if it failed:
+        // either way the background tasks go too.
+        stop_accepting.cancel();
+        watcher.cancel();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
         background.cancel();
         if tokio::time::timeout(grace, tasks.wait()).await.is_err() {
             tracing::warn!("background tasks did not stop within the grace period");
         }
         tracing::info!("user service stopped");
-        served
+        served.and(supervisor.result())
     }
 }
 

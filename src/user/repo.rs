@@ -10,11 +10,12 @@ use std::{
 };
 
 use deadpool_postgres::Pool;
+use tokio::time::Instant;
 use tokio_postgres::{Row, error::SqlState};
 
 use super::domain::{Email, UserChanges, UserName};
 use crate::{
-    db::{DbError, col},
+    db::{self, DbError, col},
     error::ServiceError,
     events::EventType,
     pb,
@@ -23,25 +24,29 @@ use crate::{
 
 const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 
-/// Creates a batch of users: `$1` names, `$2` emails (arrays of one length),
-/// `$3` event type. A row whose email is taken (by an existing user or by an
-/// earlier row of the same batch, whatever the case) is skipped rather than
-/// failing the others; its absence from the result is its answer.
+/// Creates a batch of users: `$1` names, `$2` emails, `$3` idempotency keys
+/// (NULL for none; arrays of one length), `$4` event type. A row whose email
+/// or key is taken (by an existing user or by an earlier row of the same
+/// batch, whatever the case) is skipped rather than failing the others.
+/// Each input row draws its id before the insert, so the result names every
+/// created user by its input position (`ord`, from 1): answers are matched
+/// to callers by position, never by what the database made of an email.
 /// `scripts/bench/create_user.sql` runs the same statement under pgbench;
 /// keep them in step.
 const CREATE: &str = "
-WITH input AS (
-    SELECT name, email, ord FROM unnest($1::text[], $2::text[]) WITH ORDINALITY AS t(name, email, ord)
+WITH input AS MATERIALIZED (
+    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, name, email, request_id, ord
+      FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(name, email, request_id, ord)
 ), u AS (
-    INSERT INTO users (name, email)
-    SELECT name, email FROM input ORDER BY ord
+    INSERT INTO users (id, name, email, request_id)
+    SELECT id, name, email, request_id FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, name, email, version, created_at, updated_at
 ), o AS (
     INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
-    SELECT $3, id, name, email, version, created_at, updated_at FROM u ORDER BY id
+    SELECT $4, id, name, email, version, created_at, updated_at FROM u ORDER BY id
 )
-SELECT id, name, email, version, created_at, updated_at FROM u";
+SELECT input.ord, u.id, u.name, u.email, u.version, u.created_at, u.updated_at FROM u JOIN input USING (id)";
 
 /// `$1` id, `$2` new name or NULL, `$3` new email or NULL, `$4` event type.
 const UPDATE: &str = "
@@ -83,8 +88,7 @@ fn user_from_row(row: &Row) -> Result<pb::User, DbError> {
 }
 
 /// Turns a failed write into what the client should hear.
-fn write_error(error: tokio_postgres::Error, email: Option<&Email>) -> ServiceError {
-    let error = DbError::from(error);
+fn write_error(error: DbError, email: Option<&Email>) -> ServiceError {
     if error.code() == Some(&SqlState::UNIQUE_VIOLATION) {
         let email = email.map_or("", Email::as_str);
         return ServiceError::AlreadyExists(format!("a user with email {email:?} already exists"));
@@ -96,59 +100,96 @@ fn write_error(error: tokio_postgres::Error, email: Option<&Email>) -> ServiceEr
 pub struct NewUser {
     pub name: UserName,
     pub email: Email,
+    /// The caller's idempotency key: a retry with the same key gets the user
+    /// the first attempt created instead of ALREADY_EXISTS.
+    pub request_id: Option<String>,
 }
 
 /// Creates every user of the batch in ONE statement (and so one commit),
-/// each with its outbox row. Answers per item, in order: the user, or
+/// each with its outbox row. Answers per item, in order: the user, or the
+/// user an earlier call with the same idempotency key created, or
 /// ALREADY_EXISTS if the email was taken, or the batch's failure.
-pub async fn create_batch(pool: &Pool, batch: Vec<NewUser>) -> Vec<Result<pb::User, ServiceError>> {
+pub async fn create_batch(
+    pool: &Pool,
+    batch: Vec<NewUser>,
+    deadline: Option<Instant>,
+) -> Vec<Result<pb::User, ServiceError>> {
     // Identical emails in one batch: only the first is sent; the others get
     // the first one's fate, as if they had arrived just after it.
     let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
-    let (mut names, mut emails) = (Vec::with_capacity(batch.len()), Vec::with_capacity(batch.len()));
+    let mut sent = Vec::with_capacity(batch.len()); // input position → batch index
+    let (mut names, mut emails, mut keys) = (Vec::new(), Vec::new(), Vec::new());
     for (i, user) in batch.iter().enumerate() {
         if let Entry::Vacant(slot) = first_of.entry(user.email.as_str()) {
             slot.insert(i);
+            sent.push(i);
             names.push(user.name.as_str());
             emails.push(user.email.as_str());
+            keys.push(user.request_id.as_deref());
         }
     }
     let created = async {
         let client = pool.get().await.map_err(DbError::from)?;
         let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
-        let rows =
-            client.query(&statement, &[&names, &emails, &EventType::Created.as_str()]).await.map_err(DbError::from)?;
-        rows.iter()
-            .map(|row| user_from_row(row).map(|user| (user.email.clone(), user)))
-            .collect::<Result<HashMap<String, pb::User>, DbError>>()
+        let event = EventType::Created.as_str();
+        let rows = db::within(&client, deadline, client.query(&statement, &[&names, &emails, &keys, &event])).await?;
+        let mut created: Vec<Option<pb::User>> = vec![None; batch.len()];
+        for row in &rows {
+            let ord: i64 = col(row, "ord")?;
+            let slot = usize::try_from(ord - 1).ok().and_then(|position| sent.get(position));
+            let Some(&i) = slot else {
+                let message = format!("the create statement returned input position {ord} of {}", sent.len());
+                return Err(ServiceError::Unexpected(anyhow::anyhow!(message)));
+            };
+            created[i] = Some(user_from_row(row)?);
+        }
+        // A retried call finds its key taken: it gets the user its first attempt created.
+        let retried: Vec<&str> = batch
+            .iter()
+            .zip(&created)
+            .filter(|(_, user)| user.is_none())
+            .filter_map(|(new, _)| new.request_id.as_deref())
+            .collect();
+        let mut earlier = HashMap::new();
+        if !retried.is_empty() {
+            let statement = client
+                .prepare_cached(&format!("SELECT request_id, {COLUMNS} FROM users WHERE request_id = ANY($1)"))
+                .await
+                .map_err(DbError::from)?;
+            for row in db::within(&client, deadline, client.query(&statement, &[&retried])).await? {
+                earlier.insert(col::<String>(&row, "request_id")?, user_from_row(&row)?);
+            }
+        }
+        Ok::<_, ServiceError>((created, earlier))
     };
-    let mut created = match created.await {
+    let (created, earlier) = match created.await {
         Ok(created) => created,
-        Err(error) => return shared_failure(error.into(), batch.len()),
+        Err(error) => return shared_failure(error, batch.len()),
     };
     batch
         .iter()
-        .enumerate()
-        .map(|(i, user)| {
-            let email = user.email.as_str();
+        .zip(created)
+        .map(|(user, created)| {
             // Only the first of the batch with this email was sent; a later one
             // finds it taken, as does a first one whose row was not inserted.
-            let inserted = if first_of.get(email) == Some(&i) { created.remove(email) } else { None };
-            inserted.ok_or_else(|| ServiceError::AlreadyExists(format!("a user with email {email:?} already exists")))
+            let earlier = user.request_id.as_ref().and_then(|key| earlier.get(key).cloned());
+            created.or(earlier).ok_or_else(|| {
+                ServiceError::AlreadyExists(format!("a user with email {:?} already exists", user.email.as_str()))
+            })
         })
         .collect()
 }
 
 /// Reads a batch of users by id with ONE query. Answers per id, in order:
 /// the user or NOT_FOUND, or the batch's failure.
-pub async fn get_batch(pool: &Pool, ids: Vec<i64>) -> Vec<Result<pb::User, ServiceError>> {
+pub async fn get_batch(pool: &Pool, ids: Vec<i64>, deadline: Option<Instant>) -> Vec<Result<pb::User, ServiceError>> {
     let found = async {
         let client = pool.get().await.map_err(DbError::from)?;
         let statement = client
             .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id = ANY($1)"))
             .await
             .map_err(DbError::from)?;
-        let rows = client.query(&statement, &[&ids]).await.map_err(DbError::from)?;
+        let rows = db::within(&client, deadline, client.query(&statement, &[&ids])).await?;
         rows.iter()
             .map(|row| user_from_row(row).map(|user| (user.id, user)))
             .collect::<Result<HashMap<i64, pb::User>, DbError>>()
@@ -166,7 +207,11 @@ fn shared_failure(error: ServiceError, items: usize) -> Vec<Result<pb::User, Ser
 }
 
 /// One page of users by ascending id, and the token of the next page if any.
-pub async fn list(pool: &Pool, page: Page) -> Result<(Vec<pb::User>, Option<String>), ServiceError> {
+pub async fn list(
+    pool: &Pool,
+    page: Page,
+    deadline: Option<Instant>,
+) -> Result<(Vec<pb::User>, Option<String>), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client
         .prepare_cached(&format!("SELECT {COLUMNS} FROM users WHERE id > $1 ORDER BY id LIMIT $2"))
@@ -175,28 +220,34 @@ pub async fn list(pool: &Pool, page: Page) -> Result<(Vec<pb::User>, Option<Stri
     // One row more than asked tells whether another page exists.
     let limit = i64::from(page.size) + 1;
     let after = page.after.unwrap_or(0);
-    let rows = client.query(&statement, &[&after, &limit]).await.map_err(DbError::from)?;
+    let rows = db::within(&client, deadline, client.query(&statement, &[&after, &limit])).await?;
     let mut users = rows.iter().map(user_from_row).collect::<Result<Vec<_>, _>>()?;
     let next = page.cut(&mut users, |u| u.id);
     Ok((users, next))
 }
 
-pub async fn update(pool: &Pool, id: i64, changes: &UserChanges) -> Result<pb::User, ServiceError> {
+pub async fn update(
+    pool: &Pool,
+    id: i64,
+    changes: &UserChanges,
+    deadline: Option<Instant>,
+) -> Result<pb::User, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(UPDATE).await.map_err(DbError::from)?;
     let name = changes.name.as_ref().map(UserName::as_str);
     let email = changes.email.as_ref().map(Email::as_str);
-    let row = client
-        .query_opt(&statement, &[&id, &name, &email, &EventType::Updated.as_str()])
+    let event = EventType::Updated.as_str();
+    let row = db::within(&client, deadline, client.query_opt(&statement, &[&id, &name, &email, &event]))
         .await
         .map_err(|e| write_error(e, changes.email.as_ref()))?;
     Ok(user_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
-pub async fn delete(pool: &Pool, id: i64) -> Result<(), ServiceError> {
+pub async fn delete(pool: &Pool, id: i64, deadline: Option<Instant>) -> Result<(), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(DELETE).await.map_err(DbError::from)?;
-    let row = client.query_opt(&statement, &[&id, &EventType::Deleted.as_str()]).await.map_err(DbError::from)?;
+    let event = EventType::Deleted.as_str();
+    let row = db::within(&client, deadline, client.query_opt(&statement, &[&id, &event])).await?;
     row.map(|_| ()).ok_or_else(|| not_found(id))
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use tokio::sync::Notify;
-use tonic::{Request, Response, Status};
+use tokio_util::task::TaskTracker;
+use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{
     domain::{Email, UserChanges, UserName},
@@ -15,6 +16,7 @@ use super::{
 };
 use crate::{
     batch::{BatchLimits, Batcher},
+    deadline,
     error::ServiceError,
     metrics::Registry,
     pb::{self, user_service_server::UserService},
@@ -34,35 +36,54 @@ impl UserApi {
     /// Starts the create and read batchers; `metrics` counts their statements
     /// (`*_batches_total`) and the calls those carried (`*_batched_calls_total`),
     /// whose quotient is the average batch size.
-    pub fn new(pool: Pool, relay: Arc<Notify>, limits: BatchLimits, metrics: Registry) -> Self {
+    /// The batchers' tasks run on `tasks`, the role's tracker.
+    pub fn new(pool: Pool, relay: Arc<Notify>, limits: BatchLimits, metrics: Registry, tasks: &TaskTracker) -> Self {
         let count = |metrics: &Registry, batches: &'static str, calls: &'static str, n: usize| {
             metrics.add(batches, 1);
             metrics.add(calls, n as i64);
         };
         let depth = metrics.gauge("batch_queue_depth");
-        let creates = Batcher::spawn_counted("create user", limits, depth.clone(), {
+        let creates = Batcher::spawn_counted("create user", limits, tasks, depth.clone(), {
             let (pool, metrics) = (pool.clone(), metrics.clone());
-            move |batch: Vec<NewUser>| {
+            move |batch: Vec<NewUser>, deadline| {
                 count(&metrics, "create_batches_total", "create_batched_calls_total", batch.len());
                 let pool = pool.clone();
-                async move { repo::create_batch(&pool, batch).await }
+                async move { repo::create_batch(&pool, batch, deadline).await }
             }
         });
-        let reads = Batcher::spawn_counted("get user", limits, depth, {
+        let reads = Batcher::spawn_counted("get user", limits, tasks, depth, {
             let pool = pool.clone();
-            move |ids: Vec<i64>| {
+            move |ids: Vec<i64>, deadline| {
                 count(&metrics, "get_batches_total", "get_batched_calls_total", ids.len());
                 let pool = pool.clone();
-                async move { repo::get_batch(&pool, ids).await }
+                async move { repo::get_batch(&pool, ids, deadline).await }
             }
         });
         UserApi { pool, relay, creates, reads }
     }
 }
 
+/// The `idempotency-key` metadata of a CreateUser: a retry carrying the key
+/// of an earlier call gets the user that call created.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+
+fn idempotency_key(metadata: &MetadataMap) -> Result<Option<String>, ServiceError> {
+    let Some(value) = metadata.get(IDEMPOTENCY_KEY) else { return Ok(None) };
+    let key = value.to_str().map_err(|_| ServiceError::invalid("idempotency-key", "must be printable ASCII"))?.trim();
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(ServiceError::invalid(
+            "idempotency-key",
+            format!("must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"),
+        ));
+    }
+    Ok(Some(key.to_owned()))
+}
+
 /// A batch that went away without answering (shutdown cut it off, or it
 /// failed outright): whether the change happened is unknown to us here, so
-/// the client is told to retry, which the unique email makes safe.
+/// the client is told to retry, which the unique email makes safe, and an
+/// idempotency key makes answer with the same user.
 fn dropped(error: crate::batch::Dropped) -> ServiceError {
     ServiceError::Unavailable(
         "the request was cut off before the database answered, try again".into(),
@@ -76,10 +97,11 @@ fn dropped(error: crate::batch::Dropped) -> ServiceError {
 impl UserService for UserApi {
     #[tracing::instrument(skip_all)]
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Result<Response<pb::User>, Status> {
+        let (deadline, request_id) = (deadline::of(request.metadata()), idempotency_key(request.metadata())?);
         let request = request.into_inner();
         let name = UserName::parse(&request.name)?;
         let email = Email::parse(&request.email)?;
-        let user = self.creates.call(NewUser { name, email }).await.map_err(dropped)??;
+        let user = self.creates.call(NewUser { name, email, request_id }, deadline).await.map_err(dropped)??;
         self.relay.notify_one();
         tracing::info!(user.id = user.id, "created user");
         Ok(Response::new(user))
@@ -88,7 +110,7 @@ impl UserService for UserApi {
     #[tracing::instrument(level = "debug", skip_all, fields(user.id = request.get_ref().id))]
     async fn get_user(&self, request: Request<pb::GetUserRequest>) -> Result<Response<pb::User>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
-        Ok(Response::new(self.reads.call(id).await.map_err(dropped)??))
+        Ok(Response::new(self.reads.call(id, deadline::of(request.metadata())).await.map_err(dropped)??))
     }
 
     #[tracing::instrument(level = "debug", skip_all)]
@@ -96,18 +118,20 @@ impl UserService for UserApi {
         &self,
         request: Request<pb::ListUsersRequest>,
     ) -> Result<Response<pb::ListUsersResponse>, Status> {
+        let deadline = deadline::of(request.metadata());
         let request = request.get_ref();
         let page = Page::parse(request.page_size, &request.page_token)?;
-        let (users, next) = repo::list(&self.pool, page).await?;
+        let (users, next) = repo::list(&self.pool, page, deadline).await?;
         Ok(Response::new(pb::ListUsersResponse { users, next_page_token: next.unwrap_or_default() }))
     }
 
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().id))]
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Result<Response<pb::User>, Status> {
+        let deadline = deadline::of(request.metadata());
         let request = request.into_inner();
         let id = parse_id("id", request.id)?;
         let changes = UserChanges::parse(request.name.as_deref(), request.email.as_deref())?;
-        let user = repo::update(&self.pool, id, &changes).await?;
+        let user = repo::update(&self.pool, id, &changes, deadline).await?;
         self.relay.notify_one();
         tracing::info!("updated user");
         Ok(Response::new(user))
@@ -119,7 +143,7 @@ impl UserService for UserApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
-        repo::delete(&self.pool, id).await?;
+        repo::delete(&self.pool, id, deadline::of(request.metadata())).await?;
         self.relay.notify_one();
         tracing::info!("deleted user");
         Ok(Response::new(pb::DeleteUserResponse {}))

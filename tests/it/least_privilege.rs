@@ -24,7 +24,7 @@ async fn user_role_starts_and_serves_as_a_dml_only_role_once_migrated() -> TestR
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app_role};"
         ))
         .await?;
-    let app = PostgresSettings { user: app_role.clone(), password: "app".into(), ..owner.clone() };
+    let app = PostgresSettings { user: app_role.clone(), password: Some("app".to_owned().into()), ..owner.clone() };
     let denied = sql(&app).await.batch_execute("CREATE TABLE not_allowed (id int)").await;
     assert!(denied.is_err(), "the application role must not be able to create tables");
 

@@ -2,6 +2,7 @@
 //! broker (started by `scripts/test.sh`). One binary, so the suite links
 //! once and tests share the support module.
 
+mod hardening;
 mod least_privilege;
 mod order_failover;
 mod order_flow;

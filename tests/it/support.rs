@@ -55,9 +55,10 @@ pub fn fresh_database(port: u16) -> PostgresSettings {
         host: env("MSYS_TEST_PG_HOST"),
         port,
         user: env("MSYS_TEST_PG_USER"),
-        password: env("MSYS_TEST_PG_PASSWORD"),
+        password: Some(env("MSYS_TEST_PG_PASSWORD").into()),
         dbname: unique("msys_test"),
         pool_size: 8,
+        tls: Default::default(),
     }
 }
 
@@ -79,6 +80,7 @@ pub fn kafka_args(broker: &str, topic: &str) -> KafkaArgs {
         user_events_topic: topic.to_owned(),
         user_events_partitions: 3,
         user_events_replication_factor: 1,
+        security: Default::default(),
     }
 }
 
@@ -91,6 +93,8 @@ pub fn server_args() -> ServerArgs {
         listen_host: "127.0.0.1".into(),
         shutdown_grace: Duration::from_secs(10),
         startup_timeout: Duration::from_secs(30),
+        drain_delay: Duration::ZERO,
+        max_concurrent_requests: msys::grpc::DEFAULT_MAX_CONCURRENT,
     }
 }
 
@@ -106,6 +110,7 @@ pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> Orde
             dlq_topic: format!("{}.dlq", kafka.user_events_topic),
             user_wait: Duration::from_secs(2),
             consumer: Default::default(),
+            max_user_waiters: 1000,
         },
     }
 }
@@ -223,7 +228,7 @@ pub async fn try_sql(db: &PostgresSettings) -> Result<tokio_postgres::Client, to
         .host(&db.host)
         .port(db.port)
         .user(&db.user)
-        .password(&db.password)
+        .password(db.password().expect("test databases have a password"))
         .dbname(&db.dbname)
         .connect(tokio_postgres::NoTls)
         .await?;
@@ -247,7 +252,7 @@ pub fn spawn_role(
         .env(format!("{prefix}_HOST"), &db.host)
         .env(format!("{prefix}_PORT"), db.port.to_string())
         .env(format!("{prefix}_USER"), &db.user)
-        .env(format!("{prefix}_PASSWORD"), &db.password)
+        .env(format!("{prefix}_PASSWORD"), db.password().expect("test databases have a password"))
         .env(format!("{prefix}_DB"), &db.dbname)
         .env("KAFKA_HOST", &kafka.kafka_host)
         .env("KAFKA_PORT", kafka.kafka_port.to_string())
@@ -414,6 +419,26 @@ impl DedicatedPostgres {
             .status()
             .expect("run pg_ctl stop");
         assert!(status.success(), "pg_ctl stop failed");
+    }
+
+    /// `pg_ctl restart -m <mode>`: fast ends sessions with 57P01, immediate
+    /// kills the server like a crash.
+    pub fn restart(&self, mode: &str) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=100",
+            self.port,
+            self.dir.display()
+        );
+        let status = pg_tool("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("log"))
+            .args(["-w", "-m", mode, "-o", &options, "restart"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("run pg_ctl restart");
+        assert!(status.success(), "pg_ctl restart -m {mode} failed");
     }
 
     pub fn database(&self) -> PostgresSettings {
