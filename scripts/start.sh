@@ -28,9 +28,10 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 ROLES=${MSYS_ROLES:-"user order monitor frontend"}
 ROLE_TIMEOUT=${MSYS_ROLE_TIMEOUT:-60}
 
-export USER_POSTGRES_HOST=127.0.0.1 USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres
+# Least privilege: the roles log in as msys_app (rows only); `msys migrate` runs as the owner, postgres.
+export USER_POSTGRES_HOST=127.0.0.1 USER_POSTGRES_USER=msys_app USER_POSTGRES_PASSWORD=msys_app
 export USER_POSTGRES_PORT=${USER_POSTGRES_PORT:-5434} USER_POSTGRES_DB=${USER_POSTGRES_DB:-users_db}
-export ORDER_POSTGRES_HOST=127.0.0.1 ORDER_POSTGRES_USER=postgres ORDER_POSTGRES_PASSWORD=postgres
+export ORDER_POSTGRES_HOST=127.0.0.1 ORDER_POSTGRES_USER=msys_app ORDER_POSTGRES_PASSWORD=msys_app
 export ORDER_POSTGRES_PORT=${ORDER_POSTGRES_PORT:-5435} ORDER_POSTGRES_DB=${ORDER_POSTGRES_DB:-orders_db}
 export KAFKA_HOST=127.0.0.1 KAFKA_PORT=${KAFKA_PORT:-9093} USER_EVENTS_TOPIC=${USER_EVENTS_TOPIC:-user-events}
 export USER_SERVICE_PORT=${USER_SERVICE_PORT:-50051} ORDER_SERVICE_PORT=${ORDER_SERVICE_PORT:-50052}
@@ -113,6 +114,18 @@ start_role() {
   fi
   wait_until "$ROLE_TIMEOUT" daemon_check "$pidfile" "msys $role" "$logf" role_healthy "$role" "$port" ||
     die_with_log "$logf" "$role is not healthy on 127.0.0.1:$port after ${ROLE_TIMEOUT}s"
+}
+
+# Creates the application role msys_app if missing, then migrates `$1` (user|order) on port `$2`
+# as the schema owner and grants msys_app DML rights, and nothing more.
+prepare_database() {
+  local out sql="DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'msys_app')
+    THEN CREATE ROLE msys_app LOGIN PASSWORD 'msys_app'; END IF; END \$\$"
+  out=$(PGPASSWORD=postgres psql -h 127.0.0.1 -p "$2" -U postgres -d postgres -qAt -v ON_ERROR_STOP=1 -c "$sql" 2>&1) ||
+    die "creating the role msys_app on 127.0.0.1:$2 failed: $out"
+  out=$(USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres ORDER_POSTGRES_USER=postgres \
+    ORDER_POSTGRES_PASSWORD=postgres "$MSYS_BIN" migrate "$1" --grant-to msys_app 2>&1) ||
+    die "msys migrate $1 failed: $out"
 }
 
 # One aligned line of the summary: piece, address, where its data and log are.
@@ -224,6 +237,8 @@ main() {
     "$MSYS_ROOT/config/postgres/users.conf" "$LOGS/postgres-users.log"
   timed "postgres orders" pg_start_cluster "$STATE/pg/orders" "$ORDER_POSTGRES_PORT" \
     "$MSYS_ROOT/config/postgres/orders.conf" "$LOGS/postgres-orders.log"
+  timed "migrate users" prepare_database user "$USER_POSTGRES_PORT"
+  timed "migrate orders" prepare_database order "$ORDER_POSTGRES_PORT"
   timed "kafka" start_kafka
   for role in $ROLES; do
     timed "role $role" start_role "$role"

@@ -54,10 +54,15 @@ pub enum MigrateTarget {
     All,
 }
 
+/// Run as the migration role (the schema's owner); the services then connect
+/// as the application role named by --grant-to, with DML rights only.
 #[derive(Args, Debug)]
 pub struct MigrateArgs {
     #[arg(value_enum)]
     pub target: MigrateTarget,
+    /// The application role to grant SELECT/INSERT/UPDATE/DELETE (and nothing more) after migrating.
+    #[arg(long, env = "MSYS_APP_ROLE")]
+    pub grant_to: Option<String>,
     #[command(flatten)]
     pub user_postgres: UserPostgresArgs,
     #[command(flatten)]
@@ -149,6 +154,10 @@ async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
         let pool = db::pool(&settings)?;
         let applied = migrate::run(&pool, migrations).await?;
         println!("{}: {applied} migration(s) applied", settings.dbname);
+        if let Some(role) = &args.grant_to {
+            migrate::grant_dml(&pool, role).await?;
+            println!("{}: {role} may read and write rows, and change nothing else", settings.dbname);
+        }
     }
     Ok(())
 }

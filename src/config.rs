@@ -39,36 +39,36 @@ macro_rules! postgres_args {
         #[doc = concat!("Connection to the ", $role, " database.")]
         #[derive(Args, Debug, Clone)]
         pub struct $name {
-            #[arg(id = concat!($flag, "-host"), long = concat!($flag, "-host"), value_name = "HOST",
-                          env = concat!($env, "_HOST"), default_value = "127.0.0.1")]
+            #[arg(id = concat!($flag, "-host"), long = concat!($flag, "-host"), value_name = "HOST")]
+            #[arg(env = concat!($env, "_HOST"), default_value = "127.0.0.1")]
             pub host: String,
-            #[arg(id = concat!($flag, "-port"), long = concat!($flag, "-port"), value_name = "PORT",
-                          env = concat!($env, "_PORT"), default_value = $default_port)]
+            #[arg(id = concat!($flag, "-port"), long = concat!($flag, "-port"), value_name = "PORT")]
+            #[arg(env = concat!($env, "_PORT"), default_value = $default_port)]
             pub port: u16,
-            #[arg(id = concat!($flag, "-user"), long = concat!($flag, "-user"), value_name = "USER",
-                          env = concat!($env, "_USER"), default_value = "postgres")]
+            #[arg(id = concat!($flag, "-user"), long = concat!($flag, "-user"), value_name = "USER")]
+            #[arg(env = concat!($env, "_USER"), default_value = "postgres")]
             pub user: String,
             /// Required unless the database is on this machine (local
             /// development), where it defaults to `postgres`.
-            #[arg(id = concat!($flag, "-password"), long = concat!($flag, "-password"), value_name = "PASSWORD",
-                          env = concat!($env, "_PASSWORD"), hide_env_values = true, value_parser = secret)]
+            #[arg(id = concat!($flag, "-password"), long = concat!($flag, "-password"), value_name = "PASSWORD")]
+            #[arg(env = concat!($env, "_PASSWORD"), hide_env_values = true, value_parser = secret)]
             pub password: Option<SecretString>,
-            #[arg(id = concat!($flag, "-db"), long = concat!($flag, "-db"), value_name = "DB",
-                          env = concat!($env, "_DB"), default_value = $default_db)]
+            #[arg(id = concat!($flag, "-db"), long = concat!($flag, "-db"), value_name = "DB")]
+            #[arg(env = concat!($env, "_DB"), default_value = $default_db)]
             pub dbname: String,
             /// Upper bound on connections this process opens; requests beyond it
             /// wait (bounded by the pool timeout) instead of overloading PostgreSQL.
-            #[arg(id = concat!($flag, "-pool-size"), long = concat!($flag, "-pool-size"), value_name = "N",
-                          env = concat!($env, "_POOL_SIZE"), default_value_t = 32)]
+            #[arg(id = concat!($flag, "-pool-size"), long = concat!($flag, "-pool-size"), value_name = "N")]
+            #[arg(env = concat!($env, "_POOL_SIZE"), default_value_t = 32)]
             pub pool_size: usize,
             /// TLS to the database (managed PostgreSQL services want require).
-            #[arg(id = concat!($flag, "-sslmode"), long = concat!($flag, "-sslmode"), value_name = "MODE",
-                          env = concat!($env, "_SSLMODE"), value_enum, default_value = "disable")]
+            #[arg(id = concat!($flag, "-sslmode"), long = concat!($flag, "-sslmode"), value_name = "MODE")]
+            #[arg(env = concat!($env, "_SSLMODE"), value_enum, default_value = "disable")]
             pub sslmode: SslMode,
             /// PEM file of the CA(s) that signed the server's certificate;
             /// the system's CA store when unset.
-            #[arg(id = concat!($flag, "-sslrootcert"), long = concat!($flag, "-sslrootcert"), value_name = "PEM",
-                          env = concat!($env, "_SSLROOTCERT"))]
+            #[arg(id = concat!($flag, "-sslrootcert"), long = concat!($flag, "-sslrootcert"), value_name = "PEM")]
+            #[arg(env = concat!($env, "_SSLROOTCERT"))]
             pub sslrootcert: Option<PathBuf>,
         }
 
@@ -320,8 +320,13 @@ mod tests {
         assert_eq!(config.get("sasl.username"), Some("msys"));
         assert_eq!(config.get("sasl.password"), Some("s3cret"));
         assert_eq!(config.get("ssl.ca.location"), Some("/etc/msys/kafka-ca.pem"));
-        // librdkafka was built with TLS and SASL: a client with them starts.
-        let created: Result<rdkafka::producer::BaseProducer, _> = config.create();
+        // librdkafka was built with TLS: it reads the CA file (and fails on
+        // one that is not there), and a SASL_SSL client starts.
+        let missing_ca = config.create::<rdkafka::producer::BaseProducer>().err().map(|e| e.to_string());
+        assert!(missing_ca.is_some_and(|e| e.contains("ssl.ca.location")));
+        let mut without_ca = both.kafka.clone();
+        without_ca.security.kafka_ssl_ca_location = None;
+        let created = crate::kafka::client_config(&without_ca, "test").create::<rdkafka::producer::BaseProducer>();
         assert!(created.is_ok(), "{:?}", created.err());
     }
 

@@ -36,14 +36,69 @@ pub const ORDERS: &[Migration] = &[
 /// An arbitrary constant: the key of the advisory lock migrations hold.
 const MIGRATION_LOCK: i64 = 0x6d73_7973_6d69_6772; // "msysmigr"
 
+/// The SQLSTATE of "permission denied".
+const INSUFFICIENT_PRIVILEGE: &str = "42501";
+
 /// Applies the migrations the database has not seen yet; returns how many.
+/// A database that is up to date is only read (no lock, no DDL), so the
+/// services, which connect as an application role with DML rights only,
+/// start against a schema `msys migrate` prepared; one that is behind is
+/// migrated if this login may, or refused with what to run.
 pub async fn run(pool: &Pool, migrations: &[Migration]) -> anyhow::Result<usize> {
     let mut client = pool.get().await.context("connecting to migrate")?;
-    if let Some(applied) = applied_versions(&client).await?
-        && migrations.iter().all(|m| applied.contains(&m.version))
-    {
+    if pending(&client, migrations).await?.is_empty() {
         return Ok(0);
     }
+    apply(&mut client, migrations).await.map_err(|error| {
+        let denied = error
+            .chain()
+            .filter_map(|e| e.downcast_ref::<tokio_postgres::Error>())
+            .any(|e| e.code().is_some_and(|c| c.code() == INSUFFICIENT_PRIVILEGE));
+        if denied {
+            error.context(
+                "this login may not change the schema (services run as a DML-only role): \
+                 run `msys migrate` as the migration role first",
+            )
+        } else {
+            error
+        }
+    })
+}
+
+/// Versions of `migrations` the database has not applied, read without DDL.
+async fn pending(client: &tokio_postgres::Client, migrations: &[Migration]) -> anyhow::Result<Vec<i32>> {
+    let applied = applied_versions(client).await?.unwrap_or_default();
+    Ok(migrations.iter().map(|m| m.version).filter(|v| !applied.contains(v)).collect())
+}
+
+/// Gives `role` what a service needs and nothing more: connecting, and
+/// SELECT/INSERT/UPDATE/DELETE on the tables (and their sequences). No
+/// DDL, no TRUNCATE, no creating objects in the schema. Run by `msys migrate
+/// --grant-to` after migrating, so new tables are covered too.
+pub async fn grant_dml(pool: &Pool, role: &str) -> anyhow::Result<()> {
+    let client = pool.get().await.context("connecting to grant rights")?;
+    let role = quote_ident(role);
+    let database: String = client.query_one("SELECT current_database()", &[]).await?.try_get(0)?;
+    let database = quote_ident(&database);
+    client
+        .batch_execute(&format!(
+            "GRANT CONNECT ON DATABASE {database} TO {role};
+             REVOKE CREATE ON SCHEMA public FROM PUBLIC;
+             GRANT USAGE ON SCHEMA public TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {role};"
+        ))
+        .await
+        .with_context(|| format!("granting DML rights to {role}"))?;
+    Ok(())
+}
+
+/// A PostgreSQL identifier, quoted.
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+async fn apply(client: &mut deadpool_postgres::Client, migrations: &[Migration]) -> anyhow::Result<usize> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK]).await?;
     tx.batch_execute(

@@ -20,10 +20,13 @@ use tokio_util::sync::CancellationToken;
 /// per interval for all waiters, and none while nobody waits.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
+/// Per awaited user: its bell and how many calls wait for it.
+type Waiting = HashMap<i64, (Arc<Notify>, usize)>;
+
 /// The users that CreateOrder calls are waiting for; cheap to clone.
 #[derive(Clone, Default)]
 pub struct Arrivals {
-    waiting: Arc<Mutex<HashMap<i64, (Arc<Notify>, usize)>>>,
+    waiting: Arc<Mutex<Waiting>>,
     /// Rung when anything was applied locally by a replica that does not
     /// (yet) name users: the sweep then runs at once.
     applied: Arc<Notify>,
@@ -40,7 +43,7 @@ impl Arrivals {
         Arrivals { waiting: Arc::default(), applied }
     }
 
-    fn waiting(&self) -> MutexGuard<'_, HashMap<i64, (Arc<Notify>, usize)>> {
+    fn waiting(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
