@@ -53,6 +53,7 @@ fn kafka(brokers: &str, topic: &str) -> anyhow::Result<KafkaArgs> {
         user_events_topic: topic.to_owned(),
         user_events_partitions: 3,
         user_events_replication_factor: 1,
+        security: Default::default(),
     })
 }
 
