@@ -24,6 +24,9 @@ pub const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(5);
 pub const KEEPALIVE_RETRIES: u32 = 3;
 
+/// The same bound, applied by the server to its end of the connection.
+const SERVER_KEEPALIVES: &str = "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 -c tcp_keepalives_count=3";
+
 #[derive(thiserror::Error, Debug)]
 pub enum DbError {
     /// No connection could be had, or it broke: the server is down,
@@ -161,7 +164,12 @@ fn pg_config(settings: &PostgresSettings, dbname: &str) -> anyhow::Result<tokio_
         .user(&settings.user)
         .password(settings.password()?)
         .dbname(dbname)
-        .application_name("msys")
+        // The process id tells operators (and the failover test) which
+        // process a session in pg_stat_activity belongs to.
+        .application_name(&format!("msys-{}", std::process::id()))
+        // The server's side of the keepalives: a client host that vanishes
+        // loses its session (and the relay lock) within seconds.
+        .options(SERVER_KEEPALIVES)
         .connect_timeout(CONNECT_TIMEOUT)
         .keepalives(true)
         .keepalives_idle(KEEPALIVE_IDLE)

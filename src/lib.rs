@@ -18,6 +18,7 @@ pub mod migrate;
 pub mod order;
 pub mod overload;
 pub mod pb;
+pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
 pub mod user;

@@ -22,6 +22,11 @@ pub struct Migration {
 pub const USERS: &[Migration] = &[
     Migration { version: 1, name: "users_and_outbox", sql: include_str!("migrate/users/0001_users_and_outbox.sql") },
     Migration { version: 2, name: "idempotency_keys", sql: include_str!("migrate/users/0002_idempotency_keys.sql") },
+    Migration {
+        version: 3,
+        name: "outbox_retention_index",
+        sql: include_str!("migrate/users/0003_outbox_retention_index.sql"),
+    },
 ];
 
 pub const ORDERS: &[Migration] = &[
@@ -31,6 +36,11 @@ pub const ORDERS: &[Migration] = &[
         sql: include_str!("migrate/orders/0001_orders_and_user_replica.sql"),
     },
     Migration { version: 2, name: "replica_limits", sql: include_str!("migrate/orders/0002_replica_limits.sql") },
+    Migration {
+        version: 3,
+        name: "applied_events_retention_index",
+        sql: include_str!("migrate/orders/0003_applied_events_retention_index.sql"),
+    },
 ];
 
 /// An arbitrary constant: the key of the advisory lock migrations hold.

@@ -28,6 +28,7 @@ use crate::{
     metrics::{self, Registry},
     migrate,
     pb::order_service_server::OrderServiceServer,
+    retention,
     shutdown::{self, Supervisor},
 };
 
@@ -69,6 +70,14 @@ pub struct ReplicaArgs {
     #[arg(long, env = "ORDER_MAX_USER_WAITERS", default_value_t = 1000,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_user_waiters: usize,
+    /// Ids of applied events are kept this long (by the database's clock)
+    /// to recognise redeliveries, then deleted; version gating makes an
+    /// event redelivered after that harmless.
+    #[arg(long, env = "ORDER_APPLIED_EVENTS_RETENTION", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub applied_events_retention: Duration,
+    /// How often applied event ids past the retention are deleted.
+    #[arg(long, env = "ORDER_PRUNE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub prune_interval: Duration,
     #[command(flatten)]
     pub consumer: ConsumerArgs,
 }
@@ -126,6 +135,7 @@ pub struct OrderRole {
     user_wait: Duration,
     max_user_waiters: usize,
     server: ServerArgs,
+    retention: (Duration, Duration),
 }
 
 impl OrderRole {
@@ -159,6 +169,7 @@ impl OrderRole {
             user_wait: args.replica.user_wait,
             max_user_waiters: args.replica.max_user_waiters,
             server: args.server,
+            retention: (args.replica.applied_events_retention, args.replica.prune_interval),
         })
     }
 
@@ -176,8 +187,17 @@ impl OrderRole {
     /// stops taking RPCs, lets in-flight ones finish, commits offsets and
     /// leaves the group.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let OrderRole { listener, metrics_listener, pool, replica, metrics, user_wait, max_user_waiters, server } =
-            self;
+        let OrderRole {
+            listener,
+            metrics_listener,
+            pool,
+            replica,
+            metrics,
+            user_wait,
+            max_user_waiters,
+            server,
+            retention: (retention, prune_every),
+        } = self;
         tracing::info!(addr = %listener.local_addr()?, "order service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -222,6 +242,9 @@ impl OrderRole {
         let serving_metrics = metrics::http::run(metrics_listener, metrics.clone(), background.clone());
         supervisor.spawn("metrics endpoint", background.clone(), serving_metrics);
         let consumer = supervisor.spawn("event consumer", background.clone(), replica.run(background.clone()));
+        let pruning =
+            retention::run(pool.clone(), retention::APPLIED_EVENTS, retention, prune_every, background.clone());
+        supervisor.spawn("applied events pruning", background.clone(), pruning);
         supervisor.spawn("arrivals sweep", background.clone(), arrivals.sweep(pool, background.clone()));
         let stop_accepting = CancellationToken::new();
         tasks.spawn(shutdown::drain_in_order(

@@ -23,6 +23,7 @@ use crate::{
     metrics::{self, Registry},
     migrate,
     pb::user_service_server::UserServiceServer,
+    retention,
     shutdown::{self, Supervisor},
 };
 
@@ -80,8 +81,13 @@ pub struct RelayArgs {
     pub outbox_poll_interval: Duration,
     #[arg(long, env = "KAFKA_MESSAGE_TIMEOUT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub kafka_message_timeout: Duration,
+    /// Published rows are kept this long (by the database's clock), then deleted.
     #[arg(long, env = "OUTBOX_RETENTION", default_value = "24h", value_parser = humantime::parse_duration)]
     pub outbox_retention: Duration,
+    /// How often published rows past the retention are deleted; its own
+    /// schedule, whether or not the relay is busy.
+    #[arg(long, env = "OUTBOX_PRUNE_INTERVAL", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub outbox_prune_interval: Duration,
 }
 
 impl From<&RelayArgs> for RelaySettings {
@@ -90,7 +96,6 @@ impl From<&RelayArgs> for RelaySettings {
             batch_size: a.outbox_batch_size.max(1),
             poll_interval: a.outbox_poll_interval,
             message_timeout: a.kafka_message_timeout,
-            retention: a.outbox_retention,
         }
     }
 }
@@ -104,6 +109,7 @@ pub struct UserRole {
     metrics: Registry,
     batch: BatchLimits,
     server: ServerArgs,
+    relay_args: RelayArgs,
 }
 
 impl UserRole {
@@ -125,6 +131,7 @@ impl UserRole {
             metrics,
             batch: (&args.batch).into(),
             server: args.server,
+            relay_args: args.relay,
         })
     }
 
@@ -141,7 +148,7 @@ impl UserRole {
     /// then reports NOT_SERVING, keeps serving for the drain delay, stops
     /// taking RPCs, drains them, stops the relay and flushes the producer.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let UserRole { listener, metrics_listener, pool, relay, metrics, batch, server } = self;
+        let UserRole { listener, metrics_listener, pool, relay, metrics, batch, server, relay_args } = self;
         tracing::info!(addr = %listener.local_addr()?, "user service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -157,20 +164,20 @@ impl UserRole {
         supervisor.spawn("outbox relay", background.clone(), relay.run(background.clone()));
         let serving_metrics = metrics::http::run(metrics_listener, metrics.clone(), background.clone());
         supervisor.spawn("metrics endpoint", background.clone(), serving_metrics);
-        // SERVING while the database answers. The broker is deliberately not
-        // part of it: while Kafka is away the service still takes every
-        // request and the outbox holds the events, so it is healthy; the
-        // backlog shows in the `outbox_pending` metric instead.
-        let gauge = metrics.clone();
+        let (retention, every) = (relay_args.outbox_retention, relay_args.outbox_prune_interval);
+        let pruning = retention::run(pool.clone(), retention::OUTBOX, retention, every, background.clone());
+        supervisor.spawn("outbox pruning", background.clone(), pruning);
+        let gauges = watch_backlog(pool.clone(), metrics.clone(), background.clone());
+        supervisor.spawn("outbox backlog gauge", background.clone(), gauges);
+        // SERVING while the database answers `SELECT 1`. The broker is
+        // deliberately not part of it: while Kafka is away the service still
+        // takes every request and the outbox holds the events, so it is
+        // healthy; the backlog shows in the `outbox_pending` metric instead,
+        // measured apart so that a huge backlog cannot slow the probe down.
         let probe = move || {
-            let (pool, gauge) = (pool.clone(), gauge.clone());
+            let pool = pool.clone();
             async move {
-                let pending = outbox_backlog(&pool).await;
-                if let Some((rows, oldest_age_seconds)) = pending {
-                    gauge.set("outbox_pending", rows);
-                    gauge.set("outbox_oldest_pending_age_seconds", oldest_age_seconds);
-                }
-                let up = pending.is_some();
+                let up = db::ping(&pool, Duration::from_secs(2)).await;
                 grpc::Probe { database: up, ready: up }
             }
         };
@@ -204,12 +211,33 @@ impl UserRole {
     }
 }
 
-/// Rows not yet published and the age in whole seconds of the oldest (0 when
-/// none), or None if the database cannot be reached. The oldest is the lowest
-/// id, found through the partial index without reading the others.
+/// Keeps `outbox_pending` and `outbox_oldest_pending_age_seconds` current,
+/// once a second, until `stop`.
+async fn watch_backlog(pool: Pool, metrics: Registry, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Some((rows, oldest_age_seconds)) = outbox_backlog(&pool).await {
+            metrics.set("outbox_pending", rows);
+            metrics.set("outbox_oldest_pending_age_seconds", oldest_age_seconds);
+        }
+    }
+}
+
+/// An estimate of the rows not yet published (the span of their ids, an
+/// upper bound: ids are not reused, so it is exact unless rows in between
+/// were already stamped) and the age in whole seconds of the oldest (0 when
+/// none), or None if the database did not answer in time. Both come from
+/// the ends of the partial index on unpublished ids, without reading the
+/// rows between: its cost does not grow with the backlog, unlike `count(*)`.
 async fn outbox_backlog(pool: &Pool) -> Option<(i64, i64)> {
     const BACKLOG: &str = "
-SELECT (SELECT count(*) FROM user_outbox WHERE published_at IS NULL),
+SELECT COALESCE((SELECT max(id) FROM user_outbox WHERE published_at IS NULL)
+              - (SELECT min(id) FROM user_outbox WHERE published_at IS NULL) + 1, 0),
        COALESCE((SELECT floor(extract(epoch FROM clock_timestamp() - occurred_at))::bigint
                    FROM user_outbox WHERE published_at IS NULL ORDER BY id LIMIT 1), 0)";
     let probe = async {

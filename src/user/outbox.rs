@@ -4,13 +4,24 @@
 //! Order: one user's changes serialise on the user's row lock, so their
 //! outbox ids grow in commit order, and the relay sends rows by ascending id
 //! through an idempotent producer keyed by user id: each user's events reach
-//! their partition in commit order. Only one relay publishes at a time (a
+//! their partition in commit order. One relay publishes a pass at a time (a
 //! transaction-scoped advisory lock elects it): two relays claiming disjoint
 //! batches with `SKIP LOCKED` could overtake each other and reorder a user's
 //! events.
 //!
-//! Delivery: at least once. A crash between the broker's ack and the commit
-//! that stamps the rows sends them again; consumers deduplicate by `ce_id`.
+//! Leadership is bounded: the pass sets `idle_in_transaction_session_timeout`
+//! to [`LEADER_IDLE_TIMEOUT`] and, while it awaits the broker, touches its
+//! transaction every [`LEADER_HEARTBEAT`]. A leader that freezes (SIGSTOP, a
+//! stalled VM) or whose host or network dies mid-pass stops touching it, and
+//! PostgreSQL ends its session, and so releases the lock, after at most that
+//! timeout; a killed leader's connection closes at once. Another relay takes
+//! over at its next poll: the handover takes at most LEADER_IDLE_TIMEOUT +
+//! OUTBOX_POLL_INTERVAL.
+//!
+//! Delivery: at least once, so a record may repeat. A leader that dies or is
+//! cut off between the broker's ack and the commit that stamps the rows has
+//! them sent again by the next one; consumers deduplicate by `ce_id` and
+//! `version` (the order role does).
 
 use std::{
     collections::{HashSet, VecDeque},
@@ -49,6 +60,13 @@ SELECT id, event_id, event_type, user_id, user_name, user_email, user_version,
  ORDER BY id
  LIMIT $2";
 
+/// How long a relay pass may sit idle in its transaction before PostgreSQL
+/// ends the session and frees the relay lock for another instance.
+pub const LEADER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a pass that awaits the broker touches its transaction, so a
+/// live leader is never taken for a dead one.
+const LEADER_HEARTBEAT: Duration = Duration::from_millis(500);
+
 /// Chunks of `batch_size` rows at the broker at once.
 const CHUNKS_IN_FLIGHT: usize = 4;
 /// Chunks per pass: the stamps commit at least this often.
@@ -64,8 +82,6 @@ pub struct RelaySettings {
     /// How long the producer keeps retrying a record before giving up on it
     /// (the row then stays unpublished and is retried by a later batch).
     pub message_timeout: Duration,
-    /// Published rows are kept this long for inspection, then deleted.
-    pub retention: Duration,
 }
 
 /// What one pass of the relay did.
@@ -125,6 +141,11 @@ impl Relay {
         if !leader {
             return Ok(RelayOutcome::NotLeader);
         }
+        tx.batch_execute(&format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}",
+            LEADER_IDLE_TIMEOUT.as_millis()
+        ))
+        .await?;
         let mut in_flight = VecDeque::new();
         let mut blocked_users = HashSet::new();
         let (mut cursor, mut chunks, mut reading) = (0_i64, 0, true);
@@ -142,7 +163,18 @@ impl Relay {
                 in_flight.push_back((pending, deliveries));
             }
             let Some((pending, deliveries)) = in_flight.pop_front() else { break };
-            let results = futures::future::join_all(deliveries).await;
+            // Awaiting the acks, the transaction is idle: touch it so that
+            // PostgreSQL keeps this (live) leader's session and lock.
+            let acks = futures::future::join_all(deliveries);
+            tokio::pin!(acks);
+            let mut heartbeat = tokio::time::interval(LEADER_HEARTBEAT);
+            heartbeat.tick().await;
+            let results = loop {
+                tokio::select! {
+                    results = &mut acks => break results,
+                    _ = heartbeat.tick() => { tx.simple_query("SELECT 1").await?; }
+                }
+            };
             let stamp = self.publishable(&pending, results, &mut blocked_users);
             tx.execute("UPDATE user_outbox SET published_at = now() WHERE id = ANY($1)", &[&stamp]).await?;
             published += stamp.len();
@@ -222,15 +254,6 @@ impl Relay {
         }
     }
 
-    /// Deletes published rows older than the retention period.
-    async fn prune(&self) -> anyhow::Result<u64> {
-        let client = self.pool.get().await?;
-        let cutoff = std::time::SystemTime::now() - self.settings.retention;
-        Ok(client
-            .execute("DELETE FROM user_outbox WHERE published_at IS NOT NULL AND published_at < $1", &[&cutoff])
-            .await?)
-    }
-
     /// Makes sure the topic exists, retrying until it does. The topic must
     /// exist with the configured partition count before the first event: a
     /// broker that auto-creates topics would pick its own count. Until then
@@ -266,7 +289,6 @@ impl Relay {
     pub async fn run(mut self, shutdown: CancellationToken) {
         self.ensure_topic(&shutdown).await;
         let mut backoff = Duration::from_millis(100);
-        let mut last_prune = tokio::time::Instant::now();
         while !shutdown.is_cancelled() {
             let wait = match self.relay_once().await {
                 Ok(RelayOutcome::Published { failed: 0, more: true, .. }) => {
@@ -284,16 +306,6 @@ impl Relay {
                     backoff_step(&mut backoff)
                 }
             };
-            if last_prune.elapsed() > Duration::from_secs(60) {
-                last_prune = tokio::time::Instant::now();
-                match self.prune().await {
-                    Ok(n) if n > 0 => tracing::info!(deleted = n, "pruned published outbox rows"),
-                    Ok(_) => {}
-                    Err(error) => {
-                        tracing::warn!(error = %format!("{error:#}"), "pruning the outbox failed")
-                    }
-                }
-            }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
                 _ = self.wake.notified() => {}

@@ -8,6 +8,7 @@ mod order_failover;
 mod order_flow;
 mod order_pipeline;
 mod order_replica;
+mod outbox_failover;
 mod shutdown;
 mod support;
 mod telemetry_metrics;

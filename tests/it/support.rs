@@ -111,6 +111,8 @@ pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> Orde
             user_wait: Duration::from_secs(2),
             consumer: Default::default(),
             max_user_waiters: 1000,
+            applied_events_retention: Duration::from_secs(7 * 86_400),
+            prune_interval: Duration::from_secs(60),
         },
     }
 }
@@ -136,6 +138,7 @@ pub fn user_args(db: &PostgresSettings, kafka: &KafkaArgs) -> UserArgs {
             outbox_poll_interval: Duration::from_millis(100),
             kafka_message_timeout: Duration::from_secs(5),
             outbox_retention: Duration::from_secs(3600),
+            outbox_prune_interval: Duration::from_secs(60),
         },
         batch: BatchArgs { batch_max: 128, batch_in_flight: 2 },
     }
