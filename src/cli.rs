@@ -26,6 +26,9 @@ pub struct Cli {
     pub command: Command,
 }
 
+// The command is parsed once per process and moved, never copied in bulk:
+// boxing the large variants would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// The user service (gRPC, default port 50051).

@@ -166,7 +166,7 @@ fn pg_config(settings: &PostgresSettings, dbname: &str) -> anyhow::Result<tokio_
         .dbname(dbname)
         // The process id tells operators (and the failover test) which
         // process a session in pg_stat_activity belongs to.
-        .application_name(&format!("msys-{}", std::process::id()))
+        .application_name(format!("msys-{}", std::process::id()))
         // The server's side of the keepalives: a client host that vanishes
         // loses its session (and the relay lock) within seconds.
         .options(SERVER_KEEPALIVES)

@@ -21,7 +21,8 @@ async fn user_role_starts_and_serves_as_a_dml_only_role_once_migrated() -> TestR
             "CREATE ROLE {app_role} LOGIN PASSWORD 'app';
              REVOKE CREATE ON SCHEMA public FROM PUBLIC;
              GRANT USAGE ON SCHEMA public TO {app_role};
-             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app_role};"
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {app_role};
+             GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO {app_role};"
         ))
         .await?;
     let app = PostgresSettings { user: app_role.clone(), password: Some("app".to_owned().into()), ..owner.clone() };
