@@ -230,6 +230,10 @@ main() {
   fi
   echo native >"$RUN/mode"
   ensure_packages initdb:postgresql
+  # The dashboard's web bundle, embedded by the msys build that follows (frontend task).
+  if [[ $build == build && -z ${MSYS_BIN:-} && -x $MSYS_ROOT/scripts/build-frontend.sh ]]; then
+    timed "frontend bundle" "$MSYS_ROOT/scripts/build-frontend.sh"
+  fi
   ensure_native_binaries "$build"
   check_binary
 
