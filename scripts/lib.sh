@@ -196,7 +196,10 @@ ensure_nisshi() {
 # and what the first start costs, measured (README, "First start").
 NISSHI_UNITS=458
 MSYS_BUILD_UNITS=194
-NISSHI_BUILD_ESTIMATE="measured 10 min 11 s on a 2-core machine that was also compiling msys; longer on a busy one"
+# CPU seconds (user+sys, /usr/bin/time) of each build, and the wall time they come to on an idle
+# 2-core machine given how many units cargo could run at once (README, "First start").
+NISSHI_BUILD_ESTIMATE="about 9 minutes on an idle 2-core machine (1069 s of CPU), longer while other work shares the cores"
+FIRST_START_ESTIMATE="about 12 minutes on an idle 2-core machine (1397 s of CPU for both), longer while other work shares the cores"
 
 # Prints a progress line every STEP "Compiling" lines of a cargo build read on stdin: units done
 # of TOTAL and the time since START (epoch seconds). Counting units is honest about what is done,
@@ -477,6 +480,7 @@ ensure_native_binaries() {
   if [[ ! -x $NISSHI_BIN && -z ${MSYS_BIN:-} && $build == build ]] && command -v cargo >/dev/null; then
     mkdir -p "$MSYS_CACHE"
     log "first start: building msys (cargo build --release) alongside nisshi; log: $msys_log"
+    log "first start: $FIRST_START_ESTIMATE"
     start=$(date +%s)
     # Only the progress lines reach the terminal, so the two builds' output does not interleave.
     ( (cd "$MSYS_ROOT" && cargo build --release) 2>&1 | tee "$msys_log" |

@@ -494,6 +494,12 @@ fn services_log_in_as_the_application_role_and_migrations_as_the_migration_role(
         for var in ["USER_POSTGRES_PASSWORD", "ORDER_POSTGRES_PASSWORD"] {
             assert_eq!(text(&env[var]["valueFrom"]["secretKeyRef"]["key"]), "migrator-password");
         }
+        assert_eq!(
+            text(&env["MSYS_APP_ROLE"]["value"]),
+            "msys_app",
+            "{}: the Job grants the services' role",
+            dir.display()
+        );
         // CloudNativePG keeps role passwords in basic-auth Secrets of its
         // own: their placeholders must agree with the ones msys reads.
         if let Some(app) = find(&docs, "Secret", "msys-db-app") {
