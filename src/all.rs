@@ -7,6 +7,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{KafkaArgs, OrderPostgresArgs, ServerArgs, UserPostgresArgs},
+    monitor::{self, CollectArgs, MonitorArgs},
     order::{self, OrderArgs, ReplicaArgs},
     user::{self, BatchArgs, RelayArgs, UserArgs},
 };
@@ -24,6 +25,11 @@ pub struct AllArgs {
     /// HTTP port of the order role's GET /metrics.
     #[arg(long, env = "ORDER_METRICS_PORT", default_value_t = 9452)]
     pub order_metrics_port: u16,
+    #[arg(long, env = "MONITOR_SERVICE_PORT", default_value_t = 50053)]
+    pub monitor_port: u16,
+    /// HTTP port of the monitor's GET /metrics.
+    #[arg(long, env = "MONITOR_METRICS_PORT", default_value_t = 9453)]
+    pub monitor_metrics_port: u16,
     #[command(flatten)]
     pub user_postgres: UserPostgresArgs,
     #[command(flatten)]
@@ -38,6 +44,8 @@ pub struct AllArgs {
     pub batch: BatchArgs,
     #[command(flatten)]
     pub replica: ReplicaArgs,
+    #[command(flatten)]
+    pub monitor: CollectArgs,
 }
 
 /// Runs the roles until `shutdown` or until one of them stops: a role that
@@ -52,6 +60,20 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         server: args.server.clone(),
         relay: args.relay,
         batch: args.batch,
+    };
+    // The monitor watches the roles of this process over the network, as it would elsewhere.
+    let monitor_args = MonitorArgs {
+        port: args.monitor_port,
+        metrics_port: args.monitor_metrics_port,
+        user_addr: format!("http://127.0.0.1:{}", args.user_port),
+        order_addr: format!("http://127.0.0.1:{}", args.order_port),
+        consumer_group: args.replica.consumer_group.clone(),
+        dlq_topic: args.replica.dlq_topic.clone(),
+        user_postgres: user_args.postgres.clone(),
+        order_postgres: args.order_postgres.clone(),
+        kafka: args.kafka.clone(),
+        server: args.server.clone(),
+        collect: args.monitor,
     };
     let order_args = OrderArgs {
         port: args.order_port,
@@ -74,9 +96,10 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
     };
     let user = supervise("user", Box::pin(user::run(user_args, root.child_token())));
     let order = supervise("order", Box::pin(order::run(order_args, root.child_token())));
+    let monitor = supervise("monitor", Box::pin(monitor::run(monitor_args, root.child_token())));
     tasks.close();
     tasks.wait().await;
-    let results = [user.await?, order.await?];
+    let results = [user.await?, order.await?, monitor.await?];
     results.into_iter().collect()
 }
 

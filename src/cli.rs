@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     all,
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, UserPostgresArgs},
-    db, events, grpc, kafka, migrate, order,
+    db, events, grpc, kafka, migrate, monitor, order,
     telemetry::LogFormat,
     user,
 };
@@ -36,7 +36,9 @@ pub enum Command {
     /// The order service (gRPC, default port 50052).
     Order(order::OrderArgs),
     /// The monitoring service (gRPC, default port 50053).
-    Monitor,
+    Monitor(monitor::MonitorArgs),
+    /// Print the monitor's current snapshot as a table (or JSON).
+    Status(StatusArgs),
     /// The dashboard (HTTP, default port 80).
     Frontend,
     /// Every implemented role in one process, each on its own port.
@@ -101,6 +103,18 @@ pub struct CreateTopicArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// The monitor's gRPC address.
+    #[arg(long, env = "MONITOR_ADDR", default_value = "http://127.0.0.1:50053")]
+    pub monitor: String,
+    /// Print the snapshot as proto3 JSON (enum words, every field) for scripts.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
+}
+
+#[derive(Args, Debug)]
 pub struct HealthArgs {
     /// HOST:PORT of the role.
     pub addr: String,
@@ -117,7 +131,16 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
         Command::User(args) => user::run(args, shutdown).await,
         Command::All(args) => all::run(args, shutdown).await,
         Command::Order(args) => order::run(args, shutdown).await,
-        Command::Monitor => bail!("the monitor role is not implemented yet"),
+        Command::Monitor(args) => monitor::run(args, shutdown).await,
+        Command::Status(args) => {
+            let snapshot = monitor::table::fetch(&args.monitor, args.timeout).await?;
+            if args.json {
+                println!("{}", monitor::table::json(&snapshot)?);
+            } else {
+                print!("{}", monitor::table::render(&snapshot));
+            }
+            Ok(())
+        }
         Command::Frontend => bail!("the frontend role is not implemented yet"),
         Command::Migrate(args) => run_migrate(args).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail::run(args, shutdown).await,

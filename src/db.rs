@@ -236,6 +236,21 @@ async fn connect(
     }
 }
 
+/// One connection of its own, outside any pool, e.g. the monitor's probe of
+/// each database (it must not take a slot from a role's pool, and its
+/// `application_name` tells its sessions apart in pg_stat_activity).
+pub async fn connect_single(
+    settings: &PostgresSettings,
+    application_name: &str,
+    timeout: Duration,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let mut config = pg_config(settings, &settings.dbname)?;
+    config.application_name(application_name).connect_timeout(timeout);
+    connect(&config, &tls(settings)?)
+        .await
+        .with_context(|| format!("connecting to {}:{}/{}", settings.host, settings.port, settings.dbname))
+}
+
 /// Builds the role's pool. The pool connects lazily; call [`ensure_database`]
 /// first so that a wrong address fails at start, not at the first request.
 pub fn pool(settings: &PostgresSettings) -> anyhow::Result<Pool> {

@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod kafka;
 pub mod metrics;
 pub mod migrate;
+pub mod monitor;
 pub mod order;
 pub mod overload;
 pub mod pb;

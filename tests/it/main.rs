@@ -4,6 +4,7 @@
 
 mod hardening;
 mod least_privilege;
+mod monitor;
 mod order_failover;
 mod order_flow;
 mod order_pipeline;

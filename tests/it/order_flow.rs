@@ -133,12 +133,14 @@ async fn msys_all_runs_both_roles_in_one_process() -> TestResult {
     let (users_db, orders_db) = (fresh_database(users_port()), fresh_database(orders_port()));
     let kafka = kafka_args(&shared_broker(), &unique("user-events"));
     create_topic(&kafka).await;
-    let (user_port, order_port) = (free_port(), free_port());
+    let (user_port, order_port, monitor_port) = (free_port(), free_port(), free_port());
     let cli = msys::cli::Cli::try_parse_from([
         "msys".to_owned(),
         "all".into(),
         format!("--user-port={user_port}"),
         format!("--order-port={order_port}"),
+        format!("--monitor-port={monitor_port}"),
+        "--monitor-metrics-port=0".into(),
         "--listen-host=127.0.0.1".into(),
         format!("--user-postgres-port={}", users_db.port),
         format!("--user-postgres-db={}", users_db.dbname),
@@ -173,6 +175,20 @@ async fn msys_all_runs_both_roles_in_one_process() -> TestResult {
     assert_eq!(report.role, "order");
     let ada = users.create_user(pb::CreateUserRequest { name: "Ada".into(), email: "ada@example.org".into() }).await?;
     orders.create_order(order(ada.into_inner().id, "book", 1)).await?;
+    // The monitor runs in the same process and sees both roles up.
+    let monitor =
+        msys::pb::monitor_service_client::MonitorServiceClient::connect(format!("http://127.0.0.1:{monitor_port}"));
+    let mut monitor = monitor.await?;
+    eventually(Duration::from_secs(15), "the monitor sees both roles up", || {
+        let mut monitor = monitor.clone();
+        async move {
+            let s = monitor.get_snapshot(pb::GetSnapshotRequest {}).await.ok()?.into_inner();
+            let up = |name: &str| s.services.iter().any(|x| x.name == name && x.healthy);
+            (up("user") && up("order") && up("monitor")).then_some(())
+        }
+    })
+    .await;
+    assert!(monitor.get_snapshot(pb::GetSnapshotRequest {}).await?.into_inner().kafka.is_some_and(|k| k.reachable));
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(20), process).await???;
     Ok(())

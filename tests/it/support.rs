@@ -178,6 +178,15 @@ impl RunningRole {
     }
 }
 
+pub async fn start_monitor(args: msys::monitor::MonitorArgs) -> RunningRole {
+    let role = msys::monitor::MonitorRole::build(args).await.expect("monitor role builds");
+    let addr = role.local_addr().expect("bound");
+    let metrics_addr = role.metrics_addr().expect("bound");
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(role.run_until_stopped(shutdown.clone()));
+    RunningRole { addr, metrics_addr, shutdown, task }
+}
+
 pub async fn start_user(args: UserArgs) -> RunningRole {
     let role = UserRole::build(args).await.expect("user role builds");
     let addr = role.local_addr().expect("bound");
