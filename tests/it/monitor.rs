@@ -65,7 +65,8 @@ async fn latest(client: &mut MonitorServiceClient<Channel>) -> pb::Snapshot {
     client.get_snapshot(pb::GetSnapshotRequest {}).await.expect("GetSnapshot answers").into_inner()
 }
 
-/// The first snapshot whose collection started after this call.
+/// The first snapshot whose collection started after this call: the one
+/// after the snapshot that may be in progress now.
 async fn next_snapshot(client: &mut MonitorServiceClient<Channel>) -> pb::Snapshot {
     let seen = latest(client).await.sequence;
     let mut c = client.clone();
@@ -73,7 +74,7 @@ async fn next_snapshot(client: &mut MonitorServiceClient<Channel>) -> pb::Snapsh
         let mut c = c.clone();
         async move {
             let s = latest(&mut c).await;
-            (s.sequence > seen).then_some(s)
+            (s.sequence > seen + 1).then_some(s)
         }
     })
     .await;
