@@ -21,5 +21,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &["proto"],
     )?;
     println!("cargo:rerun-if-changed=proto");
+    // The dashboard bundle that src/frontend/assets.rs embeds: a new or rebuilt bundle recompiles.
+    println!("cargo:rerun-if-changed=frontend/dist");
     Ok(())
 }

@@ -4,10 +4,15 @@
 # directory, torn down afterwards even on failure or Ctrl-C. Installs what is missing first
 # (postgresql with apt-get when root; nisshi into ~/.cache/msys, once). Exits with cargo's status.
 # msys roles are not started here: the tests start their own.
+# Then the browser tests (tests/e2e, node's test runner driving Debian's chromium through
+# playwright-core) run against the whole system started from the msys binary cargo test built;
+# chromium and the npm packages are installed when missing, the dashboard bundle is built first.
 #
 # usage: scripts/test.sh [cargo test arguments...]
 # environment:
 #   MSYS_KEEP_TMP=1   keep the temporary directory (data and logs) for inspection
+#   MSYS_E2E=auto|1|0|only   browser tests: auto (default) runs them only when no cargo test
+#                     arguments were given; 1 always; 0 never; only skips cargo test
 #
 # The tests get: MSYS_TEST_PG_HOST, MSYS_TEST_USER_PG_PORT, MSYS_TEST_ORDER_PG_PORT,
 # MSYS_TEST_PG_USER, MSYS_TEST_PG_PASSWORD, MSYS_TEST_KAFKA (host:port), MSYS_PG_BINDIR,
@@ -109,6 +114,31 @@ run_cargo_test() {
   return "$status"
 }
 
+# Whether to run the browser tests after cargo test (see MSYS_E2E above).
+want_e2e() {
+  case ${MSYS_E2E:-auto} in
+    1 | only) return 0 ;;
+    0) return 1 ;;
+    auto) (($# == 0)) ;;
+    *) die "MSYS_E2E=${MSYS_E2E} is not one of auto, 1, 0, only" ;;
+  esac
+}
+
+# The dashboard in headless chromium against the whole system (tests/e2e/stack.mjs starts the
+# roles from the binary cargo built); screenshots and role logs go to tests/e2e/artifacts/.
+run_e2e() {
+  local start status=0
+  timed "chromium" ensure_packages chromium:chromium
+  start=$(now_ms)
+  export MSYS_BIN=${CARGO_TARGET_DIR:-$MSYS_ROOT/target}/debug/msys
+  [[ -x $MSYS_BIN ]] || die "$MSYS_BIN is missing: cargo test should have built it"
+  log "browser tests (node --test tests/e2e)"
+  (cd "$MSYS_ROOT" && node --test --test-concurrency=1 tests/e2e/) || status=$?
+  MSYS_TIMINGS+=("browser tests|$(($(now_ms) - start))")
+  if ((status == 0)); then log "browser tests passed"; else log "browser tests failed (exit $status); see tests/e2e/artifacts"; fi
+  return "$status"
+}
+
 main() {
   local user_pg_port order_pg_port kafka_port status=0
   trap teardown EXIT
@@ -116,6 +146,7 @@ main() {
   trap 'exit 143' TERM
 
   timed "packages" ensure_packages initdb:postgresql promtool:prometheus
+  timed "frontend bundle" "$MSYS_ROOT/scripts/build-frontend.sh"
   prebuild_tests_alongside_nisshi
   timed "nisshi" ensure_nisshi
   wait_for_prebuild
@@ -143,8 +174,15 @@ main() {
   export MSYS_TEST_PG_RUN_AS
   log "users PostgreSQL 127.0.0.1:$user_pg_port, orders PostgreSQL 127.0.0.1:$order_pg_port, broker $MSYS_TEST_KAFKA"
 
-  run_cargo_test "$@" || status=$?
-  if ((status == 0)); then log "cargo test passed"; else log "cargo test failed (exit $status)"; fi
+  if [[ ${MSYS_E2E:-auto} == only ]]; then
+    (cd "$MSYS_ROOT" && cargo build --bin msys) || exit 1
+  else
+    run_cargo_test "$@" || status=$?
+    if ((status == 0)); then log "cargo test passed"; else log "cargo test failed (exit $status)"; fi
+  fi
+  if ((status == 0)) && want_e2e "$@"; then
+    run_e2e || status=$?
+  fi
   exit "$status"
 }
 

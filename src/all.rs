@@ -7,6 +7,7 @@ use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 use crate::{
     config::{KafkaArgs, OrderPostgresArgs, ServerArgs, UserPostgresArgs},
+    frontend::{self, DashboardArgs, FrontendArgs},
     monitor::{self, CollectArgs, MonitorArgs},
     order::{self, OrderArgs, ReplicaArgs},
     user::{self, BatchArgs, RelayArgs, UserArgs},
@@ -30,6 +31,10 @@ pub struct AllArgs {
     /// HTTP port of the monitor's GET /metrics.
     #[arg(long, env = "MONITOR_METRICS_PORT", default_value_t = 9453)]
     pub monitor_metrics_port: u16,
+    #[arg(long, env = "FRONTEND_PORT", default_value_t = 80)]
+    pub frontend_port: u16,
+    #[command(flatten)]
+    pub dashboard: DashboardArgs,
     #[command(flatten)]
     pub user_postgres: UserPostgresArgs,
     #[command(flatten)]
@@ -75,6 +80,13 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         server: args.server.clone(),
         collect: args.monitor,
     };
+    // The dashboard reads the monitor of this process over the network, as it would elsewhere.
+    let frontend_args = FrontendArgs {
+        port: args.frontend_port,
+        monitor: format!("http://127.0.0.1:{}", args.monitor_port),
+        dashboard: args.dashboard,
+        server: args.server.clone(),
+    };
     let order_args = OrderArgs {
         port: args.order_port,
         metrics_port: args.order_metrics_port,
@@ -97,9 +109,11 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
     let user = supervise("user", Box::pin(user::run(user_args, root.child_token())));
     let order = supervise("order", Box::pin(order::run(order_args, root.child_token())));
     let monitor = supervise("monitor", Box::pin(monitor::run(monitor_args, root.child_token())));
+    // Last, as in scripts/start.sh: it only reads the others.
+    let frontend = supervise("frontend", Box::pin(frontend::run(frontend_args, root.child_token())));
     tasks.close();
     tasks.wait().await;
-    let results = [user.await?, order.await?, monitor.await?];
+    let results = [user.await?, order.await?, monitor.await?, frontend.await?];
     results.into_iter().collect()
 }
 

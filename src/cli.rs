@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     all,
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, UserPostgresArgs},
-    db, events, grpc, kafka, migrate, monitor, order,
+    db, events, frontend, grpc, kafka, migrate, monitor, order,
     telemetry::LogFormat,
     user,
 };
@@ -40,7 +40,7 @@ pub enum Command {
     /// Print the monitor's current snapshot as a table (or JSON).
     Status(StatusArgs),
     /// The dashboard (HTTP, default port 80).
-    Frontend,
+    Frontend(frontend::FrontendArgs),
     /// Every implemented role in one process, each on its own port.
     All(all::AllArgs),
     /// Apply a role's schema migrations and exit.
@@ -141,7 +141,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
             }
             Ok(())
         }
-        Command::Frontend => bail!("the frontend role is not implemented yet"),
+        Command::Frontend(args) => frontend::run(args, shutdown).await,
         Command::Migrate(args) => run_migrate(args).await,
         Command::Events(EventsCommand::Tail(args)) => events::tail::run(args, shutdown).await,
         Command::Events(EventsCommand::CreateTopic(args)) => {

@@ -11,6 +11,7 @@ pub mod db;
 pub mod deadline;
 pub mod error;
 pub mod events;
+pub mod frontend;
 pub mod grpc;
 pub mod kafka;
 pub mod metrics;

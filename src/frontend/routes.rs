@@ -1,0 +1,207 @@
+//! The dashboard's HTTP surface: the page and its assets, the JSON and SSE
+//! API the page reads, the load-test proxy, `/healthz` and `/metrics`.
+//! Every response carries the security headers: a CSP that allows only our
+//! own origin and no inline script, `nosniff`, and no framing.
+
+use std::{convert::Infallible, sync::Arc, time::Duration};
+
+use axum::{
+    Json, Router,
+    extract::{MatchedPath, Query, Request, State},
+    http::{HeaderName, HeaderValue, StatusCode, header},
+    middleware::{self, Next},
+    response::{
+        IntoResponse, Response,
+        sse::{Event, KeepAlive, Sse},
+    },
+    routing::{get, post},
+};
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::{Semaphore, broadcast::error::RecvError};
+use tokio_util::sync::CancellationToken;
+
+use super::{assets, feed::Feed, load};
+use crate::metrics::Registry;
+
+/// `default-src 'self'` with nothing inline: scripts and styles come only
+/// from files we serve. `img-src data:` is for the favicon-less page's
+/// canvas exports; `frame-ancestors 'none'` forbids embedding (clickjacking).
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; \
+frame-ancestors 'none'";
+/// The longest history a page may ask for (the monitor keeps at least 15 minutes).
+const MAX_WINDOW: Duration = Duration::from_secs(3600);
+/// Gauge of open SSE streams.
+const OPEN_STREAMS: &str = "sse_streams_open";
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct App {
+    pub feed: Feed,
+    pub metrics: Registry,
+    streams: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl App {
+    pub fn new(feed: Feed, metrics: Registry, max_streams: usize, shutdown: CancellationToken) -> Self {
+        App { feed, metrics, streams: Arc::new(Semaphore::new(max_streams)), shutdown }
+    }
+}
+
+pub fn router(app: App) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/api/snapshot", get(snapshot))
+        .route("/api/history", get(history))
+        .route("/api/events", get(events))
+        .route("/api/load", get(load::available).post(load::start))
+        .route("/api/load/cancel", post(load::cancel))
+        .fallback(get(assets::serve))
+        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        .layer(middleware::from_fn(security_headers))
+        .with_state(app)
+}
+
+async fn security_headers(request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(CSP));
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin"));
+    response
+}
+
+/// Counts requests per route (static files as one) in the role's registry.
+async fn measure(State(app): State<App>, request: Request, next: Next) -> Response {
+    let route = request.extensions().get::<MatchedPath>().map_or("static", |p| p.as_str()).to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    app.metrics.record(&route, !response.status().is_server_error(), started.elapsed());
+    response
+}
+
+/// Alive: the process answers. Whether the monitor does is in the body.
+async fn healthz(State(app): State<App>) -> Response {
+    let status = app.feed.status();
+    ([(header::CONTENT_TYPE, "application/json")], status.data.to_string()).into_response()
+}
+
+async fn metrics(State(app): State<App>) -> Response {
+    let body = prometheus_text(&app.metrics.report());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
+}
+
+/// The role's registry in the Prometheus text format.
+fn prometheus_text(report: &crate::pb::MetricsReport) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "# HELP msys_frontend_http_requests_total HTTP requests served, by route and outcome.");
+    let _ = writeln!(out, "# TYPE msys_frontend_http_requests_total counter");
+    for m in &report.methods {
+        let route = m.method.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(out, "msys_frontend_http_requests_total{{route=\"{route}\",outcome=\"ok\"}} {}", m.ok);
+        let _ = writeln!(out, "msys_frontend_http_requests_total{{route=\"{route}\",outcome=\"error\"}} {}", m.failed);
+    }
+    for (name, value) in &report.values {
+        let _ = writeln!(out, "# TYPE msys_frontend_{name} gauge");
+        let _ = writeln!(out, "msys_frontend_{name} {value}");
+    }
+    let _ = writeln!(out, "# TYPE msys_frontend_uptime_seconds gauge");
+    let _ = writeln!(out, "msys_frontend_uptime_seconds {}", report.uptime_seconds);
+    out
+}
+
+fn problem(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+fn json_text(text: &str) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], text.to_owned()).into_response()
+}
+
+async fn snapshot(State(app): State<App>) -> Response {
+    match app.feed.latest() {
+        Some(data) => json_text(&data),
+        None => problem(StatusCode::SERVICE_UNAVAILABLE, "no snapshot from the monitor yet"),
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    /// Seconds back from now.
+    window: Option<u64>,
+}
+
+async fn history(State(app): State<App>, Query(query): Query<HistoryQuery>) -> Response {
+    let window = Duration::from_secs(query.window.unwrap_or(300));
+    if window.is_zero() || window > MAX_WINDOW {
+        return problem(StatusCode::BAD_REQUEST, format!("window must be 1..={} seconds", MAX_WINDOW.as_secs()));
+    }
+    match app.feed.history(window).await {
+        Ok(history) => Json(history).into_response(),
+        Err(status) => {
+            problem(StatusCode::BAD_GATEWAY, format!("the monitor did not give its history: {}", status.message()))
+        }
+    }
+}
+
+/// One SSE stream per page: the monitor's status at once, the newest
+/// snapshot and load-test frame if any, then everything live. Ends when the
+/// role shuts down, so the server's drain is not held open by browsers.
+async fn events(State(app): State<App>) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, Response> {
+    let permit = app
+        .streams
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| problem(StatusCode::SERVICE_UNAVAILABLE, "too many open dashboards; close one and retry"))?;
+    let receiver = app.feed.subscribe();
+    let mut first = vec![app.feed.status()];
+    if let Some(data) = app.feed.latest() {
+        first.push(super::feed::Frame { event: "snapshot", data });
+    }
+    first.extend(app.feed.latest_load());
+    let live = futures::stream::unfold(receiver, |mut receiver| async move {
+        loop {
+            match receiver.recv().await {
+                Ok(frame) => return Some((frame, receiver)),
+                // A page that fell behind skips to the newest frames.
+                Err(RecvError::Lagged(_)) => continue,
+                Err(RecvError::Closed) => return None,
+            }
+        }
+    });
+    let gauge = OpenStream::new(app.metrics.clone(), permit);
+    let stream = futures::stream::iter(first)
+        .chain(live)
+        .map(move |frame| {
+            let _open = &gauge;
+            Ok(Event::default().event(frame.event).data(&*frame.data))
+        })
+        .take_until(app.shutdown.clone().cancelled_owned());
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// Holds a stream slot and counts the stream as open until it is dropped.
+struct OpenStream {
+    metrics: Registry,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl OpenStream {
+    fn new(metrics: Registry, permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        metrics.add(OPEN_STREAMS, 1);
+        OpenStream { metrics, _permit: permit }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.metrics.add(OPEN_STREAMS, -1);
+    }
+}

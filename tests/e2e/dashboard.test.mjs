@@ -1,0 +1,261 @@
+// The dashboard in a real browser (Debian's chromium driven by
+// playwright-core) against the whole system started by stack.mjs.
+// Run through scripts/test.sh, which provides PostgreSQL, the broker, the
+// msys binary and chromium. Screenshots land in tests/e2e/artifacts/.
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+import { createRequire } from 'node:module';
+import path from 'node:path';
+import { after, before, test } from 'node:test';
+import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
+
+import { connect, createUser } from './grpc.mjs';
+import { Stack } from './stack.mjs';
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const root = path.resolve(here, '../..');
+const artifacts = path.join(here, 'artifacts');
+// playwright-core is pinned in frontend/package-lock.json with the bundle's tools.
+const { chromium } = createRequire(path.join(root, 'frontend/package.json'))('playwright-core');
+const XSS_NAME = '<img src=x onerror=alert(1)>';
+
+let stack;
+let browser;
+let page;
+let users;
+const requests = [];
+const consoleErrors = [];
+const dialogs = [];
+let emailSeq = 0;
+
+async function createUsers(count, name = 'E2E User') {
+  const calls = [];
+  for (let i = 0; i < count; i += 1) {
+    emailSeq += 1;
+    calls.push(createUser(users, name, `e2e-${process.pid}-${emailSeq}@example.com`));
+  }
+  await Promise.all(calls);
+}
+
+/** Creates users at about `perSecond` until the returned stop() is called. */
+function steadyLoad(perSecond) {
+  let running = true;
+  const loop = (async () => {
+    while (running) {
+      await createUsers(Math.max(1, Math.round(perSecond / 10)));
+      await sleep(100);
+    }
+  })();
+  return async () => {
+    running = false;
+    await loop;
+  };
+}
+
+async function shot(name) {
+  await page.screenshot({ path: path.join(artifacts, `${name}.png`), fullPage: true });
+}
+
+const text = (selector) => page.locator(selector).first().innerText();
+
+before(async () => {
+  fs.rmSync(artifacts, { recursive: true, force: true });
+  stack = await Stack.start(artifacts);
+  users = connect(`127.0.0.1:${stack.ports.user}`);
+  browser = await chromium.launch({
+    executablePath: process.env.MSYS_CHROMIUM || '/usr/bin/chromium',
+    args: ['--no-sandbox', '--disable-gpu', '--disable-background-networking'],
+  });
+  const context = await browser.newContext({ viewport: { width: 1280, height: 900 } });
+  // Anything not served by msys on 127.0.0.1 is recorded and refused.
+  await context.route('**/*', (route) => {
+    const url = new URL(route.request().url());
+    if (url.hostname === '127.0.0.1' || url.protocol === 'data:') return route.continue();
+    return route.abort();
+  });
+  page = await context.newPage();
+  page.on('request', (request) => requests.push(request.url()));
+  page.on('console', (message) => {
+    if (message.type() === 'error') consoleErrors.push(message.text());
+  });
+  page.on('pageerror', (error) => consoleErrors.push(`pageerror: ${error.message}`));
+  page.on('dialog', async (dialog) => {
+    dialogs.push(dialog.message());
+    await dialog.dismiss();
+  });
+});
+
+after(async () => {
+  if (users) users.close();
+  if (browser) await browser.close();
+  if (stack) await stack.stop();
+});
+
+test('the page loads, draws its charts from history and shows every part of the system green', async () => {
+  // Some history first, so the charts have something to draw at once.
+  await createUsers(20);
+  await sleep(3000);
+  const response = await page.goto(stack.frontendUrl);
+  assert.equal(response.status(), 200);
+  const headers = response.headers();
+  assert.match(headers['content-security-policy'], /default-src 'self'/);
+  assert.match(headers['content-security-policy'], /frame-ancestors 'none'/);
+  assert.doesNotMatch(headers['content-security-policy'], /unsafe-inline/);
+  assert.equal(headers['x-content-type-options'], 'nosniff');
+  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 15_000 });
+  assert.equal(await page.locator('#connection').isHidden(), true);
+  for (const subject of ['service user', 'service order', 'service monitor', 'users_db', 'orders_db', 'kafka']) {
+    const item = page.locator(`.health-item[data-subject="${subject}"]`);
+    assert.equal(await item.getAttribute('data-word'), 'UP', `${subject} is not UP`);
+    assert.match(await item.innerText(), /✔ UP/, 'status is a word and an icon, not colour alone');
+  }
+  // Charts are drawn (uPlot canvases) with more than one point from history.
+  await page.waitForSelector('#service-charts canvas', { timeout: 10_000 });
+  assert.ok((await page.locator('#service-charts .chart').count()) >= 4);
+  assert.ok((await page.locator('#kafka-charts .chart').count()) >= 4);
+  await shot('01-loaded');
+});
+
+test('creating users through gRPC makes the user service request rate rise on the page', async () => {
+  const rateOf = async () => {
+    const rows = await page.locator('#service-table tbody tr').allInnerTexts();
+    const row = rows.find((r) => r.includes('UserService/CreateUser'));
+    if (!row) return 0;
+    return Number(row.split('\t')[2].replace(/,/g, '')) || 0;
+  };
+  const stop = steadyLoad(50);
+  try {
+    await page.waitForFunction(
+      () => [...document.querySelectorAll('#service-table tbody tr')].some((tr) => tr.innerText.includes('UserService/CreateUser') && Number(tr.children[2].innerText.replace(/,/g, '')) >= 10),
+      null,
+      { timeout: 15_000 },
+    );
+    assert.ok((await rateOf()) >= 10);
+    assert.match(await text('#flow-strip'), /applied/);
+    await shot('02-users-created');
+  } finally {
+    await stop();
+  }
+});
+
+test(`a user named ${XSS_NAME} shows as literal text and no script runs`, async () => {
+  await createUsers(1, XSS_NAME);
+  // The name also travels in a long query's text, which the databases panel shows.
+  const query = stack.psql('users', `SELECT pg_sleep(8), '${XSS_NAME}' AS name`);
+  try {
+    await page.waitForFunction(
+      (name) => [...document.querySelectorAll('.db .longest code')].some((c) => c.textContent.includes(name)),
+      XSS_NAME,
+      { timeout: 10_000 },
+    );
+    assert.equal(await page.locator('img').count(), 0, 'an <img> element was created from a user string');
+    assert.deepEqual(dialogs, [], 'a script ran');
+    await shot('03-literal-name');
+  } finally {
+    query.kill();
+  }
+});
+
+test('the window selector, pause and the dark theme work', async () => {
+  await page.selectOption('#window', '60');
+  await page.click('#pause');
+  assert.equal(await page.getAttribute('#pause', 'aria-pressed'), 'true');
+  const before = await text('#updated');
+  await sleep(2500);
+  assert.equal(await text('#updated'), before, 'the page kept changing while paused');
+  await page.click('#pause');
+  await page.waitForFunction((b) => document.querySelector('#updated')?.textContent !== b, before, { timeout: 5000 });
+  await page.click('#theme');
+  assert.equal(await page.getAttribute('html', 'data-theme'), 'dark');
+  await shot('04-dark');
+  await page.click('#theme');
+  await page.selectOption('#window', '300');
+});
+
+test('the page is readable on a phone-sized screen', async () => {
+  await page.setViewportSize({ width: 390, height: 844 });
+  await sleep(500);
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - window.innerWidth);
+  assert.ok(overflow <= 1, `the page is ${overflow}px wider than the screen`);
+  await shot('05-phone');
+  await page.setViewportSize({ width: 1280, height: 900 });
+});
+
+test('a short load test started from the page runs to its report', async (t) => {
+  const probe = await (await fetch(`${stack.frontendUrl}/api/load`)).json();
+  if (!probe.available) {
+    t.skip(`load tests are not available: ${probe.reason}`);
+    return;
+  }
+  await page.selectOption('#load-form select[name=scenario]', 'users');
+  await page.selectOption('#load-form select[name=mode]', 'rate');
+  await page.fill('#load-form input[name=amount]', '100');
+  await page.fill('#load-form input[name=duration]', '5s');
+  await page.fill('#load-form input[name=token]', stack.token);
+  await page.click('#load-start');
+  await page.waitForSelector('#load-state', { timeout: 10_000 });
+  await shot('06-load-running');
+  await page.waitForSelector('#load-report', { timeout: 30_000 });
+  assert.match(await text('#load-status'), /achieved/);
+  await shot('07-load-report');
+});
+
+test('the dashboard under load (the README screenshot)', async () => {
+  const stop = steadyLoad(80);
+  try {
+    await sleep(8000);
+    await shot('dashboard-under-load');
+    if (process.env.MSYS_E2E_README_SCREENSHOT === '1') {
+      await page.screenshot({ path: path.join(root, 'frontend/docs/dashboard.png'), fullPage: false });
+    }
+  } finally {
+    await stop();
+  }
+});
+
+test('freezing the order role turns its group status away from OK on the page', async () => {
+  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 30_000 });
+  stack.freeze('order');
+  const stop = steadyLoad(20);
+  try {
+    await page.waitForFunction(() => {
+      const badge = document.querySelector('#group-status .badge');
+      return badge && badge.dataset.status !== 'OK';
+    }, null, { timeout: 40_000 });
+    const word = await page.getAttribute('#group-status .badge', 'data-status');
+    assert.ok(['LAGGING', 'STALLED', 'STOPPED'].includes(word), `group status ${word}`);
+    await shot('08-order-frozen');
+  } finally {
+    await stop();
+    stack.resume('order');
+  }
+  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 60_000 });
+});
+
+test('freezing the monitor makes the page say it is unreachable within 5 s, and resuming it recovers', async () => {
+  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 30_000 });
+  stack.freeze('monitor');
+  const frozenAt = Date.now();
+  try {
+    await page.waitForFunction(
+      () => /monitor unreachable — last data \d+ s old/.test(document.querySelector('#connection')?.textContent || ''),
+      null,
+      { timeout: 5000 },
+    );
+    assert.ok(Date.now() - frozenAt <= 5000);
+    await shot('09-monitor-frozen');
+  } finally {
+    stack.resume('monitor');
+  }
+  await page.waitForSelector('#connection', { state: 'hidden', timeout: 15_000 });
+  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 15_000 });
+  await shot('10-monitor-back');
+});
+
+test('no request left 127.0.0.1 and the console stayed free of errors', () => {
+  assert.ok(requests.length > 0);
+  const outside = requests.filter((url) => new URL(url).hostname !== '127.0.0.1');
+  assert.deepEqual(outside, []);
+  assert.deepEqual(consoleErrors, []);
+});
