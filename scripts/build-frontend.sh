@@ -24,18 +24,10 @@ ensure_node_modules() {
 main() {
   ensure_packages node:nodejs npm:npm
   ensure_node_modules
-  local out=$FRONTEND/dist tmp
-  tmp=$(mktemp -d "$FRONTEND/.dist.XXXXXX")
-  (cd "$FRONTEND" && node_modules/.bin/esbuild src/main.js --bundle --minify --format=esm --target=es2020 \
-    --outdir="$tmp" --entry-names=app --legal-comments=linked --log-level=warning) ||
-    { rm -rf "$tmp"; die "esbuild failed"; }
-  cp "$FRONTEND/index.html" "$tmp/"
-  # Swap in the new bundle whole, so a build never embeds half of one.
-  rm -rf "$out.old"
-  [[ -d $out ]] && mv "$out" "$out.old"
-  mv "$tmp" "$out"
-  rm -rf "$out.old"
-  log "dashboard bundle: $(du -sh "$out" | cut -f1) in $out"
+  # From scratch, so a file dropped from the sources is not embedded from an old build.
+  rm -rf "$FRONTEND/dist"
+  (cd "$FRONTEND" && npm run --silent build) || die "esbuild failed (output above)"
+  log "dashboard bundle: $(du -sh "$FRONTEND/dist" | cut -f1) in $FRONTEND/dist"
 }
 
 main "$@"
