@@ -120,3 +120,114 @@ impl FrontendRole {
 pub async fn run(args: FrontendArgs, shutdown: CancellationToken) -> anyhow::Result<()> {
     FrontendRole::build(args).await?.run_until_stopped(shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpStream,
+    };
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+
+    /// A frontend on a free port whose monitor does not exist (nothing listens on port 1).
+    async fn start() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        let args = FrontendArgs {
+            port: 0,
+            monitor: "http://127.0.0.1:1".into(),
+            dashboard: DashboardArgs { refresh: Duration::from_secs(1), max_streams: 2 },
+            server: ServerArgs {
+                listen_host: "127.0.0.1".into(),
+                shutdown_grace: Duration::from_secs(5),
+                startup_timeout: Duration::from_secs(1),
+            },
+        };
+        let role = FrontendRole::build(args).await.expect("frontend builds");
+        let addr = role.local_addr().expect("bound");
+        let token = CancellationToken::new();
+        let running = tokio::spawn(role.run_until_stopped(token.clone()));
+        (addr, token, running)
+    }
+
+    async fn send(addr: SocketAddr, request: &str) -> TcpStream {
+        let mut stream = TcpStream::connect(addr).await.expect("connects");
+        stream.write_all(request.as_bytes()).await.expect("writes");
+        stream
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut stream = send(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).await;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+            .await
+            .expect("answers in time")
+            .expect("reads");
+        answer
+    }
+
+    #[tokio::test]
+    async fn every_answer_carries_the_security_headers() {
+        let (addr, token, running) = start().await;
+        for path in ["/", "/healthz", "/api/snapshot", "/no-such-file"] {
+            let answer = get(addr, path).await.to_ascii_lowercase();
+            assert!(answer.contains("content-security-policy: default-src 'self'"), "{path}: {answer}");
+            assert!(answer.contains("frame-ancestors 'none'"), "{path}");
+            assert!(!answer.contains("unsafe-inline"), "{path}");
+            assert!(answer.contains("x-content-type-options: nosniff"), "{path}");
+        }
+        token.cancel();
+        running.await.expect("joins").expect("stops cleanly");
+    }
+
+    #[tokio::test]
+    async fn without_a_monitor_the_api_says_so_plainly() {
+        let (addr, token, running) = start().await;
+        let snapshot = get(addr, "/api/snapshot").await;
+        assert!(snapshot.starts_with("HTTP/1.1 503"), "{snapshot}");
+        assert!(snapshot.contains("no snapshot from the monitor yet"));
+        let bad = get(addr, "/api/history?window=0").await;
+        assert!(bad.starts_with("HTTP/1.1 400"), "{bad}");
+        assert!(bad.contains("window must be"));
+        let health = get(addr, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 200") && health.contains("\"monitor\":\"unreachable\""), "{health}");
+        token.cancel();
+        running.await.expect("joins").expect("stops cleanly");
+    }
+
+    #[tokio::test]
+    async fn open_event_streams_end_when_the_role_stops() {
+        let (addr, token, running) = start().await;
+        let mut stream = send(addr, "GET /api/events HTTP/1.1\r\nhost: x\r\naccept: text/event-stream\r\n\r\n").await;
+        let mut buffer = vec![0u8; 4096];
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buffer))
+            .await
+            .expect("first frame in time")
+            .expect("reads");
+        let head = String::from_utf8_lossy(&buffer[..n]);
+        assert!(head.contains("text/event-stream"), "{head}");
+        token.cancel();
+        // The drain would wait for ever on an endless stream; it must end well within the grace.
+        let stopped = tokio::time::timeout(Duration::from_secs(3), running).await;
+        stopped.expect("stopped before the grace period ran out").expect("joins").expect("stops cleanly");
+        let mut rest = Vec::new();
+        let eof = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest)).await;
+        assert!(eof.is_ok(), "the browser's stream was not closed");
+    }
+
+    #[tokio::test]
+    async fn streams_beyond_the_limit_are_refused_with_a_reason() {
+        let (addr, token, running) = start().await;
+        let request = "GET /api/events HTTP/1.1\r\nhost: x\r\n\r\n";
+        let _first = send(addr, request).await;
+        let _second = send(addr, request).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let third = get(addr, "/api/events").await;
+        assert!(third.starts_with("HTTP/1.1 503"), "{third}");
+        assert!(third.contains("too many open dashboards"));
+        token.cancel();
+        running.await.expect("joins").expect("stops cleanly");
+    }
+}
