@@ -13,6 +13,7 @@
 #   MSYS_KEEP_TMP=1   keep the temporary directory (data and logs) for inspection
 #   MSYS_E2E=auto|1|0|only   browser tests: auto (default) runs them only when no cargo test
 #                     arguments were given; 1 always; 0 never; only skips cargo test
+#   MSYS_BIN          the msys binary the browser tests run (default: the debug build)
 #
 # The tests get: MSYS_TEST_PG_HOST, MSYS_TEST_USER_PG_PORT, MSYS_TEST_ORDER_PG_PORT,
 # MSYS_TEST_PG_USER, MSYS_TEST_PG_PASSWORD, MSYS_TEST_KAFKA (host:port), MSYS_PG_BINDIR,
@@ -130,7 +131,7 @@ run_e2e() {
   local start status=0
   timed "chromium" ensure_packages chromium:chromium
   start=$(now_ms)
-  export MSYS_BIN=${CARGO_TARGET_DIR:-$MSYS_ROOT/target}/debug/msys
+  export MSYS_BIN=${MSYS_BIN:-${CARGO_TARGET_DIR:-$MSYS_ROOT/target}/debug/msys}
   [[ -x $MSYS_BIN ]] || die "$MSYS_BIN is missing: cargo test should have built it"
   log "browser tests (node --test tests/e2e)"
   (cd "$MSYS_ROOT" && node --test --test-concurrency=1 tests/e2e/) || status=$?
@@ -175,7 +176,7 @@ main() {
   log "users PostgreSQL 127.0.0.1:$user_pg_port, orders PostgreSQL 127.0.0.1:$order_pg_port, broker $MSYS_TEST_KAFKA"
 
   if [[ ${MSYS_E2E:-auto} == only ]]; then
-    (cd "$MSYS_ROOT" && cargo build --bin msys) || exit 1
+    [[ -n ${MSYS_BIN:-} ]] || (cd "$MSYS_ROOT" && cargo build --bin msys) || exit 1
   else
     run_cargo_test "$@" || status=$?
     if ((status == 0)); then log "cargo test passed"; else log "cargo test failed (exit $status)"; fi

@@ -15,7 +15,7 @@ export class Services {
     const charts = byId('service-charts');
     this.names = [];
     this.rps = new Chart(charts, { title: 'Requests per second', unit: (v) => num(v, v < 10 ? 1 : 0), series: [] });
-    this.errors = new Chart(charts, { title: 'Error rate', unit: (v) => percent(v), series: [] });
+    this.errors = new Chart(charts, { title: 'Error rate', unit: (v) => percent(v), axis: (v) => percent(v, 0), series: [] });
     this.p50 = new Chart(charts, { title: 'Latency p50', unit: ms, series: [] });
     this.p99 = new Chart(charts, { title: 'Latency p99', unit: ms, series: [] });
     this.table = new SortableTable(
