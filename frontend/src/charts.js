@@ -3,6 +3,7 @@
 // chart point); it is rebuilt when the series change or the theme flips.
 import uPlot from 'uplot';
 import { el, fill } from './dom.js';
+import { clock } from './format.js';
 
 // Okabe–Ito: distinguishable with the common colour-vision deficiencies.
 const PALETTE = ['#0072B2', '#E69F00', '#009E73', '#D55E00', '#CC79A7', '#56B4E9', '#F0E442', '#000000'];
@@ -50,11 +51,12 @@ export class Chart {
     const unit = this.spec.unit || ((v) => String(v));
     const opts = {
       ...this.size(),
-      legend: { live: true },
+      // Labels only: live values under every chart took more room than the charts.
+      legend: { live: false },
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [Math.min(0, min), max > 0 ? max * 1.1 : 1] } },
       axes: [
-        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid } },
+        { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, space: 80, values: (u, vals) => vals.map((v) => clock(v * 1000)) },
         { stroke: axis, grid: { stroke: grid, width: 1 }, ticks: { stroke: grid }, size: 72, values: (u, vals) => vals.map(this.spec.axis || unit) },
       ],
       series: [
