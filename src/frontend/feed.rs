@@ -17,12 +17,19 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use super::view;
-use crate::pb::{self, monitor_service_client::MonitorServiceClient};
+use crate::{
+    metrics::Registry,
+    pb::{self, monitor_service_client::MonitorServiceClient},
+};
 
 /// Frames a slow page may fall behind before it skips to the newest.
 const FANOUT_CAPACITY: usize = 32;
 /// Deadline of one unary call to the monitor (history, snapshot).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Gauge: 1 while snapshots flow from the monitor, 0 otherwise.
+const MONITOR_UP: &str = "monitor_stream_up";
+/// Snapshots received from the monitor.
+const SNAPSHOTS: &str = "monitor_snapshots_received_total";
 
 /// One server-sent event: its name and its JSON data.
 #[derive(Clone, Debug)]
@@ -51,11 +58,12 @@ pub struct Feed {
     stall: Duration,
     tx: broadcast::Sender<Frame>,
     state: Arc<Mutex<State>>,
+    metrics: Registry,
 }
 
 impl Feed {
     /// Prepares the connection (made lazily: the monitor may start later).
-    pub fn new(monitor: &str, interval: Duration, stall: Duration) -> anyhow::Result<Self> {
+    pub fn new(monitor: &str, interval: Duration, stall: Duration, metrics: Registry) -> anyhow::Result<Self> {
         let channel = Endpoint::from_shared(monitor.to_owned())
             .with_context(|| format!("--monitor {monitor:?} is not a valid URL"))?
             .connect_timeout(Duration::from_secs(2))
@@ -64,7 +72,8 @@ impl Feed {
             .connect_lazy();
         let (tx, _) = broadcast::channel(FANOUT_CAPACITY);
         let state = State { down: Some("not connected yet".into()), ..State::default() };
-        Ok(Feed { channel, interval, stall, tx, state: Arc::new(Mutex::new(state)) })
+        metrics.set(MONITOR_UP, 0);
+        Ok(Feed { channel, interval, stall, tx, state: Arc::new(Mutex::new(state)), metrics })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -131,6 +140,7 @@ impl Feed {
         if changed {
             tracing::warn!(reason, "monitor unreachable");
         }
+        self.metrics.set(MONITOR_UP, 0);
         self.publish(self.status());
     }
 
@@ -142,7 +152,9 @@ impl Feed {
             state.received = Some(Instant::now());
             state.down.take().is_some()
         };
+        self.metrics.add(SNAPSHOTS, 1);
         if recovered {
+            self.metrics.set(MONITOR_UP, 1);
             tracing::info!("monitor stream flowing");
             self.publish(self.status());
         }

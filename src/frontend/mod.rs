@@ -65,19 +65,14 @@ impl FrontendRole {
         // Three missed snapshots (at least 3 s) mean the monitor stopped
         // talking; the page then says so within 5 s at the default refresh.
         let stall = (args.dashboard.refresh * 3).max(Duration::from_secs(3));
-        let feed = Feed::new(&args.monitor, args.dashboard.refresh, stall)?;
+        let metrics = Registry::new("frontend");
+        let feed = Feed::new(&args.monitor, args.dashboard.refresh, stall, metrics.clone())?;
         let addr = args.server.addr(args.port)?;
         let listener = TcpListener::bind(addr).await.with_context(|| format!("binding HTTP port {addr}"))?;
         if !assets::bundled() {
             tracing::warn!("built without the dashboard bundle; run scripts/build-frontend.sh and rebuild");
         }
-        Ok(FrontendRole {
-            listener,
-            feed,
-            settings: args.dashboard,
-            metrics: Registry::new("frontend"),
-            grace: args.server.shutdown_grace,
-        })
+        Ok(FrontendRole { listener, feed, settings: args.dashboard, metrics, grace: args.server.shutdown_grace })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -215,6 +210,39 @@ mod tests {
         let mut rest = Vec::new();
         let eof = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest)).await;
         assert!(eof.is_ok(), "the browser's stream was not closed");
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_prometheus_format() {
+        let (addr, token, running) = start().await;
+        let _ = get(addr, "/healthz").await;
+        let answer = get(addr, "/metrics").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        for name in ["msys_http_requests_total", "msys_http_request_duration_seconds", "msys_monitor_stream_up 0"] {
+            assert!(answer.contains(name), "{name} missing from /metrics:\n{answer}");
+        }
+        // promtool lints it when installed (scripts/test.sh installs it).
+        let body = answer.split_once("\r\n\r\n").map_or("", |(_, body)| body).to_owned();
+        if let Ok(mut child) = tokio::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            let mut stdin = child.stdin.take().expect("stdin");
+            stdin.write_all(body.as_bytes()).await.expect("writes to promtool");
+            drop(stdin);
+            let output = child.wait_with_output().await.expect("promtool runs");
+            assert!(
+                output.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        token.cancel();
+        running.await.expect("joins").expect("stops cleanly");
     }
 
     #[tokio::test]

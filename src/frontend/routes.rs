@@ -7,7 +7,7 @@ use std::{convert::Infallible, sync::Arc, time::Duration};
 
 use axum::{
     Json, Router,
-    extract::{MatchedPath, Query, Request, State},
+    extract::{Query, Request, State},
     http::{HeaderName, HeaderValue, StatusCode, header},
     middleware::{self, Next},
     response::{
@@ -35,6 +35,10 @@ frame-ancestors 'none'";
 const MAX_WINDOW: Duration = Duration::from_secs(3600);
 /// Gauge of open SSE streams.
 const OPEN_STREAMS: &str = "sse_streams_open";
+/// HTTP requests answered, those answered with a 5xx, and their latency.
+const HTTP_REQUESTS: &str = "http_requests_total";
+const HTTP_FAILURES: &str = "http_server_errors_total";
+const HTTP_SECONDS: &str = "http_request_duration_seconds";
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -54,16 +58,16 @@ impl App {
 pub fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
         .route("/api/snapshot", get(snapshot))
         .route("/api/history", get(history))
         .route("/api/events", get(events))
         .route("/api/load", get(load::available).post(load::start))
         .route("/api/load/cancel", post(load::cancel))
         .fallback(get(assets::serve))
-        .layer(middleware::from_fn_with_state(app.clone(), measure))
+        .with_state(app.clone())
+        .merge(crate::metrics::http::router(app.metrics.clone()))
+        .layer(middleware::from_fn_with_state(app, measure))
         .layer(middleware::from_fn(security_headers))
-        .with_state(app)
 }
 
 async fn security_headers(request: Request, next: Next) -> Response {
@@ -77,12 +81,17 @@ async fn security_headers(request: Request, next: Next) -> Response {
     response
 }
 
-/// Counts requests per route (static files as one) in the role's registry.
+/// Counts HTTP requests and their latency in the role's registry (served at
+/// `/metrics`). Not per route: the registry's labelled families are gRPC's,
+/// and calling HTTP routes gRPC methods would mislead whoever reads them.
 async fn measure(State(app): State<App>, request: Request, next: Next) -> Response {
-    let route = request.extensions().get::<MatchedPath>().map_or("static", |p| p.as_str()).to_owned();
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    app.metrics.record(&route, !response.status().is_server_error(), started.elapsed());
+    app.metrics.add(HTTP_REQUESTS, 1);
+    if response.status().is_server_error() {
+        app.metrics.add(HTTP_FAILURES, 1);
+    }
+    app.metrics.observe(HTTP_SECONDS, started.elapsed().as_secs_f64());
     response
 }
 
@@ -90,31 +99,6 @@ async fn measure(State(app): State<App>, request: Request, next: Next) -> Respon
 async fn healthz(State(app): State<App>) -> Response {
     let status = app.feed.status();
     ([(header::CONTENT_TYPE, "application/json")], status.data.to_string()).into_response()
-}
-
-async fn metrics(State(app): State<App>) -> Response {
-    let body = prometheus_text(&app.metrics.report());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
-}
-
-/// The role's registry in the Prometheus text format.
-fn prometheus_text(report: &crate::pb::MetricsReport) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(out, "# HELP msys_frontend_http_requests_total HTTP requests served, by route and outcome.");
-    let _ = writeln!(out, "# TYPE msys_frontend_http_requests_total counter");
-    for m in &report.methods {
-        let route = m.method.replace('\\', "\\\\").replace('"', "\\\"");
-        let _ = writeln!(out, "msys_frontend_http_requests_total{{route=\"{route}\",outcome=\"ok\"}} {}", m.ok);
-        let _ = writeln!(out, "msys_frontend_http_requests_total{{route=\"{route}\",outcome=\"error\"}} {}", m.failed);
-    }
-    for (name, value) in &report.values {
-        let _ = writeln!(out, "# TYPE msys_frontend_{name} gauge");
-        let _ = writeln!(out, "msys_frontend_{name} {value}");
-    }
-    let _ = writeln!(out, "# TYPE msys_frontend_uptime_seconds gauge");
-    let _ = writeln!(out, "msys_frontend_uptime_seconds {}", report.uptime_seconds);
-    out
 }
 
 fn problem(status: StatusCode, message: impl Into<String>) -> Response {
