@@ -26,6 +26,9 @@ pub struct LoadForm {
     pub duration: String,
     #[serde(default)]
     pub profile: Option<String>,
+    /// Gates such as `p99<50ms`, `errors<1%`, judged in the final report.
+    #[serde(default)]
+    pub thresholds: Vec<String>,
     /// The admin token, when the monitor requires one.
     #[serde(default)]
     pub token: Option<String>,

@@ -45,6 +45,7 @@ export class Load {
       scenario: f.scenario.value,
       duration: f.duration.value.trim(),
       profile: f.profile.value,
+      thresholds: f.thresholds.value.split(',').map((t) => t.trim()).filter(Boolean),
       [f.mode.value === 'rate' ? 'rate' : 'concurrency']: amount,
     };
     this.start.disabled = true;
@@ -114,7 +115,7 @@ function report(r) {
       el(
         'ul',
         { class: 'thresholds' },
-        r.thresholds.map((t) => el('li', {}, badge(t.passed ? 'OK' : 'DOWN', t.passed ? 'pass' : 'fail'), ` ${t.expression}`, t.actual ? ` (actual ${t.actual})` : '')),
+        r.thresholds.map((t) => el('li', {}, badge(t.passed ? 'OK' : 'DOWN', t.passed ? 'pass' : 'fail'), ` ${t.threshold}`, t.actual ? ` (actual ${t.actual})` : '')),
       ),
     );
   }
