@@ -24,6 +24,11 @@ let latest = null;
 
 function draw() {
   const points = store.visible();
+  // What the charts hold, as attributes a test (or a curious person) can read.
+  let gap = 0;
+  for (let i = 1; i < points.length; i += 1) gap = Math.max(gap, points[i].t - points[i - 1].t);
+  document.body.dataset.points = String(points.length);
+  document.body.dataset.maxGapMs = String(gap);
   services.draw(points);
   kafka.draw(points);
   databases.draw(points);
