@@ -26,6 +26,9 @@ use crate::{
 const FANOUT_CAPACITY: usize = 32;
 /// Deadline of one unary call to the monitor (history, snapshot).
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Reconnection delays: the first after a stream that delivered, and the cap.
+const FIRST_BACKOFF: Duration = Duration::from_millis(250);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Gauge: 1 while snapshots flow from the monitor, 0 otherwise.
 const MONITOR_UP: &str = "monitor_stream_up";
 /// Snapshots received from the monitor.
@@ -178,42 +181,48 @@ impl Feed {
                 }
             })
         };
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = FIRST_BACKOFF;
         loop {
-            let reason = tokio::select! {
+            let (reason, flowed) = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                reason = self.follow() => reason,
+                stopped = self.follow() => stopped,
             };
             self.set_down(reason);
+            // A stream that delivered starts the next attempt afresh; repeated
+            // failures back off up to 2 s, still well inside the page's 5 s.
+            backoff = if flowed { FIRST_BACKOFF } else { (backoff * 2).min(MAX_BACKOFF) };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(Duration::from_secs(2));
-            if self.lock().down.is_none() {
-                backoff = Duration::from_millis(250);
             }
         }
         beat.abort();
     }
 
-    /// Reads one stream until it fails or stalls; returns why it stopped.
-    async fn follow(&self) -> String {
+    /// Reads one stream until it fails or stalls; returns why it stopped and
+    /// whether any snapshot came through.
+    async fn follow(&self) -> (String, bool) {
         let interval_ms = u32::try_from(self.interval.as_millis()).unwrap_or(1000);
         let mut client = self.client();
         let call = client.watch_snapshots(pb::WatchSnapshotsRequest { interval_ms });
         let mut stream = match tokio::time::timeout(self.stall, call).await {
-            Err(_) => return format!("no answer to WatchSnapshots within {} s", self.stall.as_secs()),
-            Ok(Err(status)) => return describe(&status),
+            Err(_) => return (format!("no answer to WatchSnapshots within {} s", self.stall.as_secs()), false),
+            Ok(Err(status)) => return (describe(&status), false),
             Ok(Ok(response)) => response.into_inner(),
         };
+        let mut flowed = false;
         loop {
-            match tokio::time::timeout(self.stall, stream.message()).await {
-                Err(_) => return format!("no snapshot for {} s", self.stall.as_secs()),
-                Ok(Err(status)) => return describe(&status),
-                Ok(Ok(None)) => return "the monitor ended the stream".into(),
-                Ok(Ok(Some(snapshot))) => self.accept(&snapshot),
-            }
+            let reason = match tokio::time::timeout(self.stall, stream.message()).await {
+                Err(_) => format!("no snapshot for {} s", self.stall.as_secs()),
+                Ok(Err(status)) => describe(&status),
+                Ok(Ok(None)) => "the monitor ended the stream".into(),
+                Ok(Ok(Some(snapshot))) => {
+                    self.accept(&snapshot);
+                    flowed = true;
+                    continue;
+                }
+            };
+            return (reason, flowed);
         }
     }
 }
