@@ -27,7 +27,7 @@ export function bytes(value) {
     v /= 1024;
     i += 1;
   }
-  return `${num(v, i === 0 ? 0 : 1)} ${units[i]}`;
+  return `${num(v, i === 0 && !(v > 0 && v < 10 && v % 1) ? 0 : 1)} ${units[i]}`;
 }
 
 export function percent(ratio, digits = 1) {
