@@ -52,6 +52,7 @@ pub struct FrontendRole {
     settings: DashboardArgs,
     metrics: Registry,
     grace: Duration,
+    drain_delay: Duration,
 }
 
 impl FrontendRole {
@@ -72,28 +73,45 @@ impl FrontendRole {
         if !assets::bundled() {
             tracing::warn!("built without the dashboard bundle; run scripts/build-frontend.sh and rebuild");
         }
-        Ok(FrontendRole { listener, feed, settings: args.dashboard, metrics, grace: args.server.shutdown_grace })
+        Ok(FrontendRole {
+            listener,
+            feed,
+            settings: args.dashboard,
+            metrics,
+            grace: args.server.shutdown_grace,
+            drain_delay: args.server.drain_delay,
+        })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
         Ok(self.listener.local_addr()?)
     }
 
-    /// Serves the dashboard until `shutdown`. Open SSE streams end when the
-    /// token fires (they would hold the drain open for ever otherwise), and
-    /// the drain itself is bounded by the grace period.
+    /// Serves the dashboard until `shutdown`. Then `/healthz` answers 503 for
+    /// the drain delay (so load balancers stop sending pages here) while
+    /// everything else still works; then open SSE streams end (they would
+    /// hold the drain open for ever otherwise), and the drain itself is
+    /// bounded by the grace period.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let FrontendRole { listener, feed, settings, metrics, grace } = self;
+        let FrontendRole { listener, feed, settings, metrics, grace, drain_delay } = self;
+        let stop = CancellationToken::new();
+        let _stop_after_delay = {
+            let (shutdown, stop) = (shutdown.clone(), stop.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                tokio::time::sleep(drain_delay).await;
+                stop.cancel();
+            })
+        };
         tracing::info!(addr = %listener.local_addr()?, "dashboard listening");
-        let feed_stop = shutdown.child_token();
+        let feed_stop = stop.child_token();
         let follow = tokio::spawn(feed.clone().run(feed_stop.clone()));
-        let app = routes::App::new(feed, metrics, settings.max_streams, shutdown.clone());
-        let server =
-            axum::serve(listener, routes::router(app)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+        let app = routes::App::new(feed, metrics, settings.max_streams, shutdown.clone(), stop.clone());
+        let server = axum::serve(listener, routes::router(app)).with_graceful_shutdown(stop.clone().cancelled_owned());
         let mut server = tokio::spawn(server.into_future());
         let served = tokio::select! {
             result = &mut server => result.context("dashboard server task")?.context("dashboard server failed"),
-            _ = shutdown.cancelled() => match tokio::time::timeout(grace, &mut server).await {
+            _ = stop.cancelled() => match tokio::time::timeout(grace, &mut server).await {
                 Ok(result) => result.context("dashboard server task")?.context("dashboard server failed"),
                 Err(_) => {
                     server.abort();
@@ -130,6 +148,12 @@ mod tests {
 
     /// A frontend on a free port whose monitor does not exist (nothing listens on port 1).
     async fn start() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
+        start_draining_for(Duration::ZERO).await
+    }
+
+    async fn start_draining_for(
+        drain_delay: Duration,
+    ) -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
         let args = FrontendArgs {
             port: 0,
             monitor: "http://127.0.0.1:1".into(),
@@ -137,6 +161,8 @@ mod tests {
             server: ServerArgs {
                 listen_host: "127.0.0.1".into(),
                 shutdown_grace: Duration::from_secs(5),
+                drain_delay,
+                max_concurrent_requests: 100,
                 startup_timeout: Duration::from_secs(1),
             },
         };
@@ -210,6 +236,18 @@ mod tests {
         let mut rest = Vec::new();
         let eof = tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest)).await;
         assert!(eof.is_ok(), "the browser's stream was not closed");
+    }
+
+    #[tokio::test]
+    async fn while_draining_healthz_says_so_and_pages_are_still_served() {
+        let (addr, token, running) = start_draining_for(Duration::from_secs(1)).await;
+        token.cancel();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let health = get(addr, "/healthz").await;
+        assert!(health.starts_with("HTTP/1.1 503") && health.contains("draining"), "{health}");
+        assert!(get(addr, "/api/snapshot").await.contains("no snapshot from the monitor yet"));
+        let stopped = tokio::time::timeout(Duration::from_secs(4), running).await;
+        stopped.expect("stopped after the drain delay").expect("joins").expect("stops cleanly");
     }
 
     #[tokio::test]

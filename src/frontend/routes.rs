@@ -46,12 +46,21 @@ pub struct App {
     pub feed: Feed,
     pub metrics: Registry,
     streams: Arc<Semaphore>,
-    shutdown: CancellationToken,
+    /// Fired at SIGTERM: /healthz starts answering 503 (draining).
+    draining: CancellationToken,
+    /// Fired after the drain delay: SSE streams end.
+    stop: CancellationToken,
 }
 
 impl App {
-    pub fn new(feed: Feed, metrics: Registry, max_streams: usize, shutdown: CancellationToken) -> Self {
-        App { feed, metrics, streams: Arc::new(Semaphore::new(max_streams)), shutdown }
+    pub fn new(
+        feed: Feed,
+        metrics: Registry,
+        max_streams: usize,
+        draining: CancellationToken,
+        stop: CancellationToken,
+    ) -> Self {
+        App { feed, metrics, streams: Arc::new(Semaphore::new(max_streams)), draining, stop }
     }
 }
 
@@ -95,8 +104,13 @@ async fn measure(State(app): State<App>, request: Request, next: Next) -> Respon
     response
 }
 
-/// Alive: the process answers. Whether the monitor does is in the body.
+/// Ready: the process answers and is not draining (503 then, so load
+/// balancers move pages elsewhere). Whether the monitor answers is in the
+/// body; a dashboard without its monitor still serves, and says so.
 async fn healthz(State(app): State<App>) -> Response {
+    if app.draining.is_cancelled() {
+        return problem(StatusCode::SERVICE_UNAVAILABLE, "draining: this dashboard is shutting down");
+    }
     let status = app.feed.status();
     ([(header::CONTENT_TYPE, "application/json")], status.data.to_string()).into_response()
 }
@@ -167,7 +181,7 @@ async fn events(State(app): State<App>) -> Result<Sse<impl Stream<Item = Result<
             let _open = &gauge;
             Ok(Event::default().event(frame.event).data(&*frame.data))
         })
-        .take_until(app.shutdown.clone().cancelled_owned());
+        .take_until(app.stop.clone().cancelled_owned());
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
