@@ -27,7 +27,9 @@ export async function postJSON(url, payload, token) {
  */
 export function follow(handlers) {
   let lastFrame = Date.now();
-  let gap = false;
+  // Starts as a gap: the first word that the monitor is up loads the history, so a page opened
+  // while the monitor is away does not ask for history it cannot have.
+  let gap = true;
   let source;
 
   const seen = () => {
@@ -43,13 +45,8 @@ export function follow(handlers) {
 
   function open() {
     source = new EventSource('/api/events');
-    source.addEventListener('open', () => {
-      seen();
-      if (gap) {
-        gap = false;
-        handlers.reconnected();
-      }
-    });
+    // The refill after a gap waits for the first status frame that says the monitor is up.
+    source.addEventListener('open', seen);
     source.addEventListener('error', () => {
       gap = true;
       handlers.status({ monitor: 'unreachable', reason: 'the dashboard server does not answer', server: false });

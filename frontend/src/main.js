@@ -95,7 +95,6 @@ function setupControls() {
 }
 
 setupControls();
-loadHistory();
 follow({
   snapshot(view) {
     latest = view;
