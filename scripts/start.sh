@@ -117,7 +117,8 @@ start_role() {
 }
 
 # Creates the application role msys_app if missing, then migrates `$1` (user|order) on port `$2`
-# as the schema owner and grants msys_app DML rights, and nothing more.
+# as the schema owner and grants msys_app DML rights, and nothing more; then, as the superuser,
+# pg_stat_statements and pg_monitor for the monitor's figures (an extension needs the superuser).
 prepare_database() {
   local out sql="DO \$\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'msys_app')
     THEN CREATE ROLE msys_app LOGIN PASSWORD 'msys_app'; END IF; END \$\$"
@@ -126,6 +127,11 @@ prepare_database() {
   out=$(USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres ORDER_POSTGRES_USER=postgres \
     ORDER_POSTGRES_PASSWORD=postgres "$MSYS_BIN" migrate "$1" --grant-to msys_app 2>&1) ||
     die "msys migrate $1 failed: $out"
+  local db=$USER_POSTGRES_DB
+  [[ $1 == order ]] && db=$ORDER_POSTGRES_DB
+  out=$(PGPASSWORD=postgres psql -h 127.0.0.1 -p "$2" -U postgres -d "$db" -qAt -v ON_ERROR_STOP=1 \
+    -c "CREATE EXTENSION IF NOT EXISTS pg_stat_statements; GRANT pg_monitor TO msys_app" 2>&1) ||
+    die "creating pg_stat_statements in $db on 127.0.0.1:$2 failed: $out"
 }
 
 # One aligned line of the summary: piece, address, where its data and log are.
