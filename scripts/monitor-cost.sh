@@ -49,9 +49,10 @@ psql_at() { PGPASSWORD=postgres "$PG_BINDIR/psql" -h 127.0.0.1 -p "$1" -U postgr
 
 # Calls and execution ms of the monitor's statements on both clusters (all databases).
 monitor_statements() {
-  local port sql="SELECT coalesce(sum(calls),0) || ' ' || coalesce(sum(total_exec_time),0) FROM pg_stat_statements
+  local sql="SELECT coalesce(sum(calls),0) || ' ' || coalesce(sum(total_exec_time),0) FROM pg_stat_statements
     WHERE query LIKE '/* msys-monitor */%'"
-  for port in "$USER_PG" "$ORDER_PG"; do psql_at "$port" postgres "$sql"; done |
+  # The monitor creates the extension in the databases it watches.
+  { psql_at "$USER_PG" users_db "$sql"; psql_at "$ORDER_PG" orders_db "$sql"; } |
     awk '{ calls += $1; ms += $2 } END { printf "%d %.3f\n", calls, ms }'
 }
 
