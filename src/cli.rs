@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     all,
     config::{KafkaArgs, OrderPostgresArgs, PostgresSettings, UserPostgresArgs},
-    db, events, frontend, grpc, kafka, migrate, monitor, order,
+    db, events, frontend, grpc, kafka, load, migrate, monitor, order,
     telemetry::LogFormat,
     user,
 };
@@ -50,6 +50,8 @@ pub enum Command {
     Events(EventsCommand),
     /// Ask a role's grpc.health.v1 service; exit 0 only if SERVING.
     Health(HealthArgs),
+    /// Load-test the system: open or closed loop, profiles, thresholds (exit 99 on failure).
+    Load(Box<load::cli::LoadArgs>),
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,6 +158,7 @@ pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Resul
             }
             Ok(())
         }
+        Command::Load(args) => load::cli::run(*args, shutdown).await,
         Command::Health(args) => {
             let status = grpc::check_health(&args.addr, &args.service, args.timeout).await?;
             println!("{status}");
