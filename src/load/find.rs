@@ -89,7 +89,7 @@ mod tests {
     fn finds_the_capacity_within_ten_percent() {
         let (trials, best) = search(1500.0, 100.0, 50_000.0);
         let best = best.expect("a rate passed");
-        assert!(best <= 1500.0 && best >= 1500.0 / 1.1, "{best}");
+        assert!((1500.0 / 1.1..=1500.0).contains(&best), "{best}");
         assert!(trials.len() <= MAX_TRIALS);
     }
 
@@ -104,7 +104,7 @@ mod tests {
     fn halves_when_even_the_start_is_too_fast() {
         let (_, best) = search(30.0, 100.0, 1000.0);
         let best = best.expect("a rate passed");
-        assert!(best <= 30.0 && best >= 27.0, "{best}");
+        assert!((27.0..=30.0).contains(&best), "{best}");
     }
 
     #[test]

@@ -67,20 +67,30 @@ impl From<LoadError> for ServiceError {
 #[derive(Args, Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct LoadLimits {
     /// Highest request rate (per second) a run may schedule.
-    #[arg(long = "load-max-rate", env = "LOAD_MAX_RATE", default_value_t = 50_000.0)]
+    #[arg(id = "load_max_rate", long = "load-max-rate", env = "LOAD_MAX_RATE", default_value_t = 50_000.0)]
     pub max_rate: f64,
     /// Longest run, warm-up included.
-    #[arg(long = "load-max-duration", env = "LOAD_MAX_DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
+    #[arg(id = "load_max_duration", long = "load-max-duration", env = "LOAD_MAX_DURATION", default_value = "1h", value_parser = humantime::parse_duration)]
     #[serde(with = "secs")]
     pub max_duration: Duration,
     /// Most closed-loop workers.
-    #[arg(long = "load-max-concurrency", env = "LOAD_MAX_CONCURRENCY", default_value_t = 2_000)]
+    #[arg(
+        id = "load_max_concurrency",
+        long = "load-max-concurrency",
+        env = "LOAD_MAX_CONCURRENCY",
+        default_value_t = 2_000
+    )]
     pub max_concurrency: usize,
     /// Most calls in flight in rate mode.
-    #[arg(long = "load-max-in-flight", env = "LOAD_MAX_IN_FLIGHT", default_value_t = 20_000)]
+    #[arg(
+        id = "load_max_in_flight",
+        long = "load-max-in-flight",
+        env = "LOAD_MAX_IN_FLIGHT",
+        default_value_t = 20_000
+    )]
     pub max_in_flight: usize,
     /// Most extra consumers of the consumer-group scenario.
-    #[arg(long = "load-max-consumers", env = "LOAD_MAX_CONSUMERS", default_value_t = 32)]
+    #[arg(id = "load_max_consumers", long = "load-max-consumers", env = "LOAD_MAX_CONSUMERS", default_value_t = 32)]
     pub max_consumers: usize,
 }
 
@@ -584,15 +594,14 @@ impl LagProbe {
             .ok()?
             .ok()?
             .into_inner();
-        let merged = report.histograms.into_iter().filter(|h| h.name == LAG_HISTOGRAM).reduce(|mut a, b| {
+        report.histograms.into_iter().filter(|h| h.name == LAG_HISTOGRAM).reduce(|mut a, b| {
             a.count += b.count;
             a.sum += b.sum;
             for (x, y) in a.buckets.iter_mut().zip(&b.buckets) {
                 x.count += y.count;
             }
             a
-        });
-        merged
+        })
     }
 
     async fn finish(mut self) -> Option<EventLag> {

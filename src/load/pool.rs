@@ -34,9 +34,10 @@ pub struct PoolStage {
     pub p50_ms: f64,
     pub p99_ms: f64,
     /// The most requests the role reported waiting for a connection.
-    pub waiters_max: i64,
-    pub waiters_mean: f64,
-    pub in_use_max: i64,
+    /// None when the role does not export the gauge (a number nobody measured is not shown).
+    pub waiters_max: Option<i64>,
+    pub waiters_mean: Option<f64>,
+    pub in_use_max: Option<i64>,
     /// Mean time a request waited for a connection, when the role reports it.
     pub wait_mean_ms: Option<f64>,
 }
@@ -54,8 +55,8 @@ pub struct PoolReport {
 #[derive(Debug, Clone, Copy, Default)]
 struct PoolSample {
     size: i64,
-    in_use: i64,
-    waiters: i64,
+    in_use: Option<i64>,
+    waiters: Option<i64>,
     wait_count: u64,
     wait_sum_s: f64,
 }
@@ -70,14 +71,15 @@ async fn sample(metrics: &mut MetricsServiceClient<Channel>) -> Option<PoolSampl
     let wait = report.histograms.iter().find(|h| h.name.starts_with("db_pool_wait"));
     Some(PoolSample {
         size: value("db_pool_size"),
-        in_use: value("db_pool_in_use"),
-        waiters: value("db_pool_waiters"),
+        in_use: report.values.get("db_pool_in_use").copied(),
+        waiters: report.values.get("db_pool_waiters").copied(),
         wait_count: wait.map_or(0, |h| h.count),
         wait_sum_s: wait.map_or(0.0, |h| h.sum),
     })
 }
 
 /// Runs the stages; returns the merged tally, the measured time and the report.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     role: PoolRole,
     pool_size_flag: Option<usize>,
@@ -96,9 +98,11 @@ pub async fn run(
     wait_serving(&channels[0], addr, service, ready_timeout).await?;
     let mut metrics = MetricsServiceClient::new(channels[0].clone());
     let reported = sample(&mut metrics).await.map_or(0, |s| s.size);
-    let (pool_size, source) = match (reported, pool_size_flag) {
-        (size, _) if size > 0 => (size, "the role's db_pool_size metric"),
-        (_, Some(size)) => (size as i64, "--pool-size"),
+    // The flag wins: the role's gauge counts connections open so far, which
+    // is below the pool's maximum until the pool has been busy.
+    let (pool_size, source) = match (pool_size_flag, reported) {
+        (Some(size), _) => (size as i64, "--pool-size"),
+        (None, size) if size > 0 => (size, "the role's db_pool_size metric"),
         _ => {
             return Err(LoadError::invalid(
                 "pool_size",
@@ -160,13 +164,12 @@ fn stage(
         error_rate: if requests == 0 { 0.0 } else { tally.failed() as f64 / requests as f64 },
         p50_ms: tally.latency.value_at_quantile(0.5) as f64 / 1000.0,
         p99_ms: tally.latency.value_at_quantile(0.99) as f64 / 1000.0,
-        waiters_max: samples.iter().map(|s| s.waiters).max().unwrap_or(0),
-        waiters_mean: if samples.is_empty() {
-            0.0
-        } else {
-            samples.iter().map(|s| s.waiters as f64).sum::<f64>() / samples.len() as f64
+        waiters_max: samples.iter().filter_map(|s| s.waiters).max(),
+        waiters_mean: {
+            let seen: Vec<f64> = samples.iter().filter_map(|s| s.waiters).map(|w| w as f64).collect();
+            (!seen.is_empty()).then(|| seen.iter().sum::<f64>() / seen.len() as f64)
         },
-        in_use_max: samples.iter().map(|s| s.in_use).max().unwrap_or(0),
+        in_use_max: samples.iter().filter_map(|s| s.in_use).max(),
         wait_mean_ms: (waits > 0).then(|| (after.wait_sum_s - before.wait_sum_s) / waits as f64 * 1000.0),
     }
 }

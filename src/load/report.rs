@@ -234,19 +234,22 @@ impl Report {
             );
             let _ =
                 writeln!(out, "  concurrency\t  rps\t   p50\t   p99\terrors\twaiters max/mean\tin use max\twait mean");
+            if pool.stages.iter().all(|s| s.waiters_max.is_none()) {
+                let _ = writeln!(out, "  (n/a: the role does not export db_pool_waiters / db_pool_in_use)");
+            }
             for s in &pool.stages {
                 let wait = s.wait_mean_ms.map_or("-".to_owned(), ms);
                 let _ = writeln!(
                     out,
-                    "  {:>11}\t{:>5.0}\t{:>6}\t{:>6}\t{:>5.1}%\t{:>6} / {:<8.1}\t{:>10}\t{}",
+                    "  {:>11}\t{:>5.0}\t{:>6}\t{:>6}\t{:>5.1}%\t{:>6} / {:<8}\t{:>10}\t{}",
                     s.concurrency,
                     s.achieved_rps,
                     ms(s.p50_ms),
                     ms(s.p99_ms),
                     s.error_rate * 100.0,
-                    s.waiters_max,
-                    s.waiters_mean,
-                    s.in_use_max,
+                    s.waiters_max.map_or("n/a".into(), |w| w.to_string()),
+                    s.waiters_mean.map_or("n/a".into(), |w| format!("{w:.1}")),
+                    s.in_use_max.map_or("n/a".into(), |w| w.to_string()),
                     wait
                 );
             }

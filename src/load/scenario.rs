@@ -99,18 +99,25 @@ pub struct Targets {
     pub order_addr: String,
 }
 
-/// Opens `n` connections (HTTP/2 multiplexes each) to `addr`.
+/// Opens `n` connections (HTTP/2 multiplexes each) to `addr`, retrying for
+/// up to `timeout` while the target is still starting.
 pub async fn connect(addr: &str, n: usize, timeout: Duration) -> Result<Vec<Channel>, LoadError> {
     let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
     let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
         .map_err(|_| LoadError::invalid("target", format!("{addr:?} is not a valid address")))?
-        .connect_timeout(timeout)
+        .connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))))
         .tcp_nodelay(true);
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut channels = Vec::with_capacity(n);
-    for _ in 0..n {
-        let channel =
-            endpoint.connect().await.map_err(|e| LoadError::NotReady(format!("cannot connect to {uri}: {e}")))?;
-        channels.push(channel);
+    while channels.len() < n {
+        match endpoint.connect().await {
+            Ok(channel) => channels.push(channel),
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                let cause = std::error::Error::source(&e).map_or(e.to_string(), |c| c.to_string());
+                return Err(LoadError::NotReady(format!("cannot connect to {uri} within {timeout:?}: {cause}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
     }
     Ok(channels)
 }

@@ -4,6 +4,8 @@
 
 mod hardening;
 mod least_privilege;
+mod load;
+mod load_scenarios;
 mod monitor;
 mod order_failover;
 mod order_flow;

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# How fast can `msys load` drive a gRPC endpoint, compared with h2load (Debian's nghttp2-client)
+# driving the same endpoint in the same run? A load tool that cannot outrun the system it tests
+# measures itself. Starts a throwaway stack (PostgreSQL, a nisshi broker, `msys user`, release
+# build) on free ports, then alternates MSYS_BENCH_ROUNDS rounds of
+#   h2load    -c 4 -m 32 on grpc.health.v1.Health/Check (4 connections x 32 streams)
+#   msys load --scenario health --concurrency 128 --connections 4 (the same 128 streams)
+# and prints each side's median requests/s and their ratio (target >= 0.80). Then it runs the
+# capacity search (`msys load --scenario reads --find-max --p99-under 20ms`) and prints that
+# report, so the figures that matter come from one run on one machine.
+# Asserts nothing: it exits non-zero only if the setup or a load tool fails.
+#
+# usage: scripts/bench-load.sh
+# environment:
+#   MSYS_BIN                msys binary to run instead of a cargo release build
+#   MSYS_BENCH_ROUNDS       rounds (default 3)
+#   MSYS_BENCH_SECONDS      length of each msys load run (default 5)
+#   MSYS_BENCH_REQUESTS     h2load requests per round (default 100000)
+#   MSYS_KEEP_TMP=1         keep the temporary directory (data, logs and JSON reports)
+set -euo pipefail
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ROUNDS=${MSYS_BENCH_ROUNDS:-3}
+SECONDS_PER_RUN=${MSYS_BENCH_SECONDS:-5}
+H2_REQUESTS=${MSYS_BENCH_REQUESTS:-100000}
+TMP=
+
+# shellcheck disable=SC2317  # the EXIT trap
+teardown() {
+  local status=$?
+  trap - EXIT INT TERM
+  set +e
+  if [[ -n $TMP ]]; then
+    log "tearing down $TMP"
+    (stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20)
+    (stop_daemon broker "$TMP/run/kafka.pid" nisshi 10)
+    (pg_stop_cluster "$TMP/pg/users" immediate)
+    if [[ ${MSYS_KEEP_TMP:-} == 1 ]]; then log "kept $TMP (MSYS_KEEP_TMP=1)"; else rm -rf "$TMP"; fi
+  fi
+  print_timings
+  exit "$status"
+}
+
+role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
+
+start_user_role() {
+  local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
+  start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_HOST=127.0.0.1 \
+    USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
+    USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
+    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT"
+  wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
+    die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
+}
+
+median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+# One h2load run on the health check; prints requests/s, fails unless every request got a 2xx.
+h2load_rps() {
+  local out
+  out=$(h2load -n "$1" -c 4 -m 32 -H 'content-type: application/grpc' -H 'te: trailers' \
+    -d "$TMP/bodies/health_check.bin" "http://127.0.0.1:$USER_PORT/grpc.health.v1.Health/Check" 2>&1) ||
+    die "h2load failed: $out"
+  grep -q "^status codes: $1 2xx" <<<"$out" || die "h2load: not all $1 requests got 2xx: $(grep -E '^(requests|status codes):' <<<"$out" | tr '\n' ' ')"
+  sed -n 's/^finished in [^,]*, \([0-9.]*\) req\/s.*/\1/p' <<<"$out"
+}
+
+# One `msys load` run on the same endpoint; prints requests/s from its JSON report, and fails
+# when a call failed (the gate is the tool's own --threshold).
+msys_rps() {
+  local json=$TMP/msys-load-$1.json
+  "$MSYS_BIN" load --scenario health --concurrency 128 --connections 4 --duration "${SECONDS_PER_RUN}s" \
+    --warmup 1s --no-progress --user-addr "http://127.0.0.1:$USER_PORT" --report "$json" \
+    --threshold 'errors<=0' >"$TMP/log/msys-load-$1.txt" 2>&1 ||
+    die_with_log "$TMP/log/msys-load-$1.txt" "msys load failed"
+  sed -n 's/^  "achieved_rps": \([0-9.]*\),$/\1/p' "$json"
+}
+
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+
+main() {
+  local round h2=() ours=() h2_median ours_median r
+  trap teardown EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  timed "packages" ensure_packages initdb:postgresql h2load:nghttp2-client
+  timed "nisshi" ensure_nisshi
+  find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
+  timed "build" ensure_msys build
+
+  make_throwaway_dir TMP msys-bench-load
+  free_port PG_PORT
+  timed "postgres users" pg_start_cluster "$TMP/pg/users" "$PG_PORT" \
+    "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
+  free_port KAFKA_PORT
+  timed "broker" start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
+  create_user_events_topic "$KAFKA_PORT" "$TMP/log/kafka.log"
+  free_port USER_PORT
+  timed "msys user" start_user_role
+  "$MSYS_ROOT/scripts/bench/grpc-bodies.sh" "$TMP/bodies" 1
+
+  log "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs"
+  h2load_rps 2000 >/dev/null
+  for ((round = 1; round <= ROUNDS; round++)); do
+    h2+=("$(h2load_rps "$H2_REQUESTS")")
+    ours+=("$(msys_rps "$round")")
+    log "round $round: h2load ${h2[-1]} req/s, msys load ${ours[-1]} req/s"
+  done
+  h2_median=$(median "${h2[@]}")
+  ours_median=$(median "${ours[@]}")
+  r=$(ratio "$ours_median" "$h2_median")
+
+  log "capacity search: reads, p99 under 20ms, trials of 2 s after 1 s warm-up"
+  "$MSYS_BIN" load --scenario reads --find-max --p99-under 20ms --rate 500 --duration 2s --warmup 1s \
+    --no-progress --user-addr "http://127.0.0.1:$USER_PORT" --report "$TMP/find-max.json" \
+    >"$TMP/log/find-max.txt" 2>&1 || die_with_log "$TMP/log/find-max.txt" "msys load --find-max failed"
+  cat "$TMP/log/find-max.txt"
+
+  printf '\n%-52s %12s %10s\n' "figure" "value" "target"
+  printf '%-52s %12s\n' "Health/Check rps, h2load -c 4 -m 32 (median)" "$h2_median"
+  printf '%-52s %12s\n' "Health/Check rps, msys load --concurrency 128 (median)" "$ours_median"
+  printf '%-52s %12s %10s  %s\n' "msys load / h2load" "$r" ">= 0.80" \
+    "$(awk -v v="$r" 'BEGIN { print (v == "n/a") ? "n/a" : (v >= 0.8) ? "ok" : "MISS" }')"
+}
+
+main "$@"
