@@ -1,16 +1,21 @@
 //! The scenarios that span roles or drive infrastructure: orders through the
-//! event path, the weighted mix and the throwaway consumer group.
+//! event path, the weighted mix, the db-pool stages and the throwaway
+//! consumer group.
 
 use std::time::Duration;
 
 use msys::load::{
     self, LoadConfig, LoadLimits,
     plan::Shape,
+    pool::PoolRole,
     scenario::{ScenarioKind, Targets},
 };
 use tokio_util::sync::CancellationToken;
 
-use crate::support::{Flow, TestResult, UserSystem, create_topic, wait_for_outbox_drain};
+use crate::support::{
+    Flow, TestResult, UserSystem, create_topic, fresh_database, order_args, orders_port, start_order, unique,
+    wait_for_outbox_drain,
+};
 
 fn targets(flow: &Flow) -> Targets {
     Targets { user_addr: format!("http://{}", flow.user.addr), order_addr: format!("http://{}", flow.order.addr) }
@@ -34,6 +39,32 @@ async fn orders_and_the_mix_run_through_the_event_path_without_errors() -> TestR
     assert_eq!(mixed.requests, 80);
     assert_eq!(mixed.ok, 80, "{:?}", mixed.errors);
     flow.stop().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn db_pool_reports_waiters_once_concurrency_exceeds_the_pool() -> TestResult {
+    let system = UserSystem::start().await;
+    let mut db = fresh_database(orders_port());
+    db.pool_size = 2;
+    let order = start_order(order_args(&db, &system.kafka, &unique("order-service"))).await;
+    let mut config = LoadConfig::new(
+        ScenarioKind::DbPool,
+        Targets { user_addr: format!("http://{}", system.role.addr), order_addr: format!("http://{}", order.addr) },
+    );
+    config.pool_role = PoolRole::Order;
+    config.pool_size = Some(2);
+    config.duration = Duration::from_secs(4);
+    let report = load::execute(&config, &LoadLimits::default(), &system.kafka, None, CancellationToken::new()).await?;
+    let pool = report.db_pool.as_ref().expect("a pool report");
+    let concurrency: Vec<usize> = pool.stages.iter().map(|s| s.concurrency).collect();
+    assert_eq!(concurrency, vec![1, 2, 4, 8]);
+    let beyond = &pool.stages[3];
+    assert!(beyond.waiters_max.is_some_and(|w| w > 0), "8 callers on 2 connections wait: {pool:?}");
+    assert!(pool.stages.iter().all(|s| s.requests > 0));
+    assert_eq!(report.requests, pool.stages.iter().map(|s| s.requests).sum::<u64>());
+    order.stop().await;
+    system.role.stop().await;
     Ok(())
 }
 
