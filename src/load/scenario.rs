@@ -277,12 +277,25 @@ impl Scenario {
     }
 
     /// The event path is part of this latency: the order service answers
-    /// only once the user's event has reached its replica (it waits for it).
+    /// only once the user's event has reached its replica. It waits for the
+    /// event itself for a while (ORDER_USER_WAIT) and then says the user does
+    /// not exist; the virtual user then asks again, so the order is placed as
+    /// soon as the order service knows the user, bounded by the call's deadline.
     async fn order(&self, i: u64) -> Outcome {
         let user_id = self.create_user(i).await?;
         let mut client = self.orders[i as usize % self.orders.len()].clone();
-        let request = pb::CreateOrderRequest { user_id, product: "load-test".into(), quantity: 1 };
-        client.create_order(request).await.map(drop).map_err(|s| s.code())
+        loop {
+            let request = pb::CreateOrderRequest { user_id, product: "load-test".into(), quantity: 1 };
+            match client.create_order(request).await {
+                Ok(_) => return Ok(()),
+                Err(status)
+                    if status.code() == Code::FailedPrecondition && status.message().contains("does not exist") =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(status) => return Err(status.code()),
+            }
+        }
     }
 }
 
