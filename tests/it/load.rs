@@ -21,6 +21,10 @@ use crate::support::{
     users_port,
 };
 
+/// The load tests take turns, as load tests on the monitor do: each drives
+/// the machine hard, and the rest of the suite shares its two cores.
+pub static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// An address nothing listens on: the scenarios under test never need it.
 fn nowhere() -> String {
     format!("http://127.0.0.1:{}", free_port())
@@ -97,6 +101,7 @@ fn signal(pid: u32, name: &str) {
 
 #[tokio::test]
 async fn the_engines_count_equals_the_targets_own_counter_and_the_numbers_agree() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let system = UserSystem::start().await;
     let addr = format!("http://{}", system.role.addr);
     let method = "/msys.v1.UserService/CreateUser";
@@ -144,6 +149,7 @@ async fn the_engines_count_equals_the_targets_own_counter_and_the_numbers_agree(
 
 #[tokio::test]
 async fn a_closed_loop_run_says_so_and_keeps_its_workers_busy() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let system = UserSystem::start().await;
     let mut config = LoadConfig::new(
         ScenarioKind::Reads,
@@ -164,6 +170,7 @@ async fn a_closed_loop_run_says_so_and_keeps_its_workers_busy() -> TestResult {
 
 #[tokio::test]
 async fn load_waits_for_serving_targets_and_names_the_one_that_is_not() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
     init_logging();
     let kafka = kafka_args(&shared_broker(), &unique("user-events"));
     let mut config = rate_config(ScenarioKind::Users, nowhere(), 10.0, Duration::from_secs(1));
@@ -187,6 +194,7 @@ async fn msys_load(args: &[&str]) -> std::process::Output {
 
 #[tokio::test]
 async fn thresholds_decide_the_exit_code_and_the_report_says_which_failed() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let system = UserSystem::start().await;
     let addr = format!("http://{}", system.role.addr);
     let dir = std::env::temp_dir().join(unique("load-report"));

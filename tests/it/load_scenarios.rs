@@ -23,6 +23,7 @@ fn targets(flow: &Flow) -> Targets {
 
 #[tokio::test]
 async fn orders_and_the_mix_run_through_the_event_path_without_errors() -> TestResult {
+    let _turn = crate::load::ONE_AT_A_TIME.lock().await;
     let flow = Flow::start().await;
     let mut config = LoadConfig::new(ScenarioKind::Orders, targets(&flow));
     config.shape = Some(Shape::Constant { rate: 10.0 });
@@ -44,6 +45,7 @@ async fn orders_and_the_mix_run_through_the_event_path_without_errors() -> TestR
 
 #[tokio::test]
 async fn db_pool_reports_waiters_once_concurrency_exceeds_the_pool() -> TestResult {
+    let _turn = crate::load::ONE_AT_A_TIME.lock().await;
     let system = UserSystem::start().await;
     let mut db = fresh_database(orders_port());
     db.pool_size = 2;
@@ -70,6 +72,7 @@ async fn db_pool_reports_waiters_once_concurrency_exceeds_the_pool() -> TestResu
 
 #[tokio::test]
 async fn consumer_group_joins_drains_and_removes_its_group() -> TestResult {
+    let _turn = crate::load::ONE_AT_A_TIME.lock().await;
     let mut system = UserSystem::start().await;
     create_topic(&system.kafka).await;
     for i in 0..30 {
