@@ -53,6 +53,7 @@ async fn try_calls_of(addr: &str, method: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn a_frozen_user_service_shows_in_p99_and_no_scheduled_request_vanishes() -> TestResult {
+    let _turn = ONE_AT_A_TIME.lock().await;
     init_logging();
     let db = fresh_database(users_port());
     let kafka = kafka_args(&shared_broker(), &unique("user-events"));
