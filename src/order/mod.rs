@@ -202,7 +202,7 @@ impl OrderRole {
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
         let arrivals = Arrivals::with_signal(replica.applied_signal());
-        let api = service::OrderApi::new(pool.clone(), arrivals.clone(), user_wait, max_user_waiters);
+        let api = service::OrderApi::new(pool.clone(), arrivals.clone(), user_wait, max_user_waiters, metrics.clone());
         let routes = Routes::new(health).add_service(OrderServiceServer::new(api));
 
         let tasks = TaskTracker::new();

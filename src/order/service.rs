@@ -3,7 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use deadpool_postgres::Pool;
-use tokio::{sync::Semaphore, time::Instant};
+use tokio::{
+    sync::{OwnedSemaphorePermit, Semaphore},
+    time::Instant,
+};
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -14,6 +17,7 @@ use super::{
 use crate::{
     deadline,
     error::ServiceError,
+    metrics::Registry,
     pb::{self, order_service_server::OrderService},
     validate::{Page, parse_id},
 };
@@ -27,12 +31,38 @@ pub struct OrderApi {
     /// burst of orders for not-yet-known users would exhaust the process.
     waiters: Arc<Semaphore>,
     max_waiters: usize,
+    metrics: Registry,
 }
 
+/// A waiter's place, counted in the `create_order_waiters` gauge while held.
+struct WaiterSlot {
+    _permit: OwnedSemaphorePermit,
+    metrics: Registry,
+}
+
+impl WaiterSlot {
+    fn take(waiters: &Arc<Semaphore>, metrics: &Registry) -> Option<Self> {
+        let permit = waiters.clone().try_acquire_owned().ok()?;
+        metrics.add(WAITERS_GAUGE, 1);
+        Some(WaiterSlot { _permit: permit, metrics: metrics.clone() })
+    }
+}
+
+impl Drop for WaiterSlot {
+    fn drop(&mut self) {
+        self.metrics.add(WAITERS_GAUGE, -1);
+    }
+}
+
+/// CreateOrder calls waiting for their user right now.
+pub const WAITERS_GAUGE: &str = "create_order_waiters";
+
 impl OrderApi {
-    pub fn new(pool: Pool, arrivals: Arrivals, user_wait: Duration, max_waiters: usize) -> Self {
+    pub fn new(pool: Pool, arrivals: Arrivals, user_wait: Duration, max_waiters: usize, metrics: Registry) -> Self {
         let max_waiters = max_waiters.max(1);
-        OrderApi { pool, arrivals, user_wait, waiters: Arc::new(Semaphore::new(max_waiters)), max_waiters }
+        metrics.set(WAITERS_GAUGE, 0);
+        let waiters = Arc::new(Semaphore::new(max_waiters));
+        OrderApi { pool, arrivals, user_wait, waiters, max_waiters, metrics }
     }
 
     /// Places the order, giving a user created a moment ago up to
@@ -48,7 +78,7 @@ impl OrderApi {
         }
         // Not known yet: take a waiter's place, if one is free, and wait for
         // this user's bell (or the end of the wait) before each new look.
-        let _permit = self.waiters.clone().try_acquire_owned().map_err(|_| {
+        let _slot = WaiterSlot::take(&self.waiters, &self.metrics).ok_or_else(|| {
             ServiceError::ResourceExhausted(format!(
                 "user {} is not known yet and {} CreateOrder calls already wait for their users \
                  (ORDER_MAX_USER_WAITERS); retry later",

@@ -243,16 +243,17 @@ async fn create_order_calls_waiting_for_users_are_capped() -> TestResult {
             tokio::spawn(async move { orders.create_order(order(500 + i)).await })
         })
         .collect();
-    let refused = eventually(Duration::from_secs(10), "a third waiter is refused", || {
-        let mut orders = orders.clone();
+    let metrics = role.channel().await;
+    eventually(Duration::from_secs(10), "both calls wait for their users", || {
+        let metrics = metrics.clone();
         async move {
-            let mut request = Request::new(order(600));
-            request.set_timeout(Duration::from_millis(500));
-            let status = orders.create_order(request).await.err()?;
-            (status.code() == Code::ResourceExhausted).then_some(status)
+            let waiting = crate::support::metric(metrics, msys::order::service::WAITERS_GAUGE).await;
+            (waiting == 2).then_some(())
         }
     })
     .await;
+    let refused = orders.clone().create_order(order(600)).await.expect_err("a third waiter is refused");
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("ORDER_MAX_USER_WAITERS"), "{refused:?}");
     for call in waiting {
         call.abort();
