@@ -19,7 +19,12 @@ fn create(name: &str, email: &str) -> pb::CreateUserRequest {
 /// Waits until a backend of `dbname` waits for a lock: the call under test
 /// is blocked at the database.
 async fn wait_for_lock_waiter(client: &tokio_postgres::Client, dbname: &str) {
-    eventually(Duration::from_secs(10), "a statement waits for the row lock", || async {
+    wait_for_lock_waiters(client, dbname, 1).await;
+}
+
+/// Waits until `count` backends of `dbname` wait for a lock.
+async fn wait_for_lock_waiters(client: &tokio_postgres::Client, dbname: &str, count: i64) {
+    eventually(Duration::from_secs(10), "statements wait for the row lock", || async {
         let row = client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'",
@@ -27,7 +32,7 @@ async fn wait_for_lock_waiter(client: &tokio_postgres::Client, dbname: &str) {
             )
             .await
             .ok()?;
-        (row.get::<_, i64>(0) > 0).then_some(())
+        (row.get::<_, i64>(0) >= count).then_some(())
     })
     .await;
 }
@@ -354,7 +359,7 @@ async fn every_call_failed_by_a_database_restart_is_unavailable() -> TestResult 
                 })
             })
             .collect();
-        wait_for_lock_waiter(&sql(&db).await, &db.dbname).await;
+        wait_for_lock_waiters(&sql(&db).await, &db.dbname, 3).await;
         postgres.restart(mode);
         drop(tx);
         for call in blocked {
