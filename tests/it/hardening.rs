@@ -344,6 +344,7 @@ async fn every_call_failed_by_a_database_restart_is_unavailable() -> TestResult 
             async move { client.get_user(pb::GetUserRequest { id: seed.id }).await.ok().map(|_| ()) }
         })
     };
+    let mut cut_mid_statement = 0;
     for mode in ["fast", "immediate"] {
         // Calls caught mid-statement by the restart: updates waiting for a
         // row lock that a test session holds.
@@ -362,9 +363,14 @@ async fn every_call_failed_by_a_database_restart_is_unavailable() -> TestResult 
         wait_for_lock_waiters(&sql(&db).await, &db.dbname, 3).await;
         postgres.restart(mode);
         drop(tx);
+        // A blocked update may still commit if the holder dies first and the
+        // update runs before its own backend is told to stop; every one that
+        // fails must be UNAVAILABLE.
         for call in blocked {
-            let status = call.await?.expect_err("the restart ended the statement");
-            assert_eq!(status.code(), Code::Unavailable, "a call cut by a {mode} restart: {status:?}");
+            if let Err(status) = call.await? {
+                assert_eq!(status.code(), Code::Unavailable, "a call cut by a {mode} restart: {status:?}");
+                cut_mid_statement += 1;
+            }
         }
         recovered("calls succeed after the restart").await;
     }
@@ -374,6 +380,7 @@ async fn every_call_failed_by_a_database_restart_is_unavailable() -> TestResult 
     for worker in workers {
         failures.extend(worker.await?);
     }
+    assert!(cut_mid_statement > 0, "the restarts cut calls in the middle of their statements");
     let wrong: Vec<_> = failures.iter().filter(|s| s.code() != Code::Unavailable).collect();
     assert!(wrong.is_empty(), "{} of {} failed calls were not UNAVAILABLE: {wrong:?}", wrong.len(), failures.len());
     role.stop().await;
