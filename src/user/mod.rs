@@ -240,12 +240,16 @@ SELECT COALESCE((SELECT max(id) FROM user_outbox WHERE published_at IS NULL)
               - (SELECT min(id) FROM user_outbox WHERE published_at IS NULL) + 1, 0),
        COALESCE((SELECT floor(extract(epoch FROM clock_timestamp() - occurred_at))::bigint
                    FROM user_outbox WHERE published_at IS NULL ORDER BY id LIMIT 1), 0)";
+    // The server gives up after 2 s (statement_timeout), so a query stuck
+    // behind a lock never goes back to the pool still running: the next user
+    // of that connection (the health probe) would wait behind it.
     let probe = async {
         let client = pool.get().await.ok()?;
-        let row = client.query_one(BACKLOG, &[]).await.ok()?;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let row = db::within(&client, Some(deadline), client.query_one(BACKLOG, &[])).await.ok()?;
         Some((row.try_get::<_, i64>(0).ok()?, row.try_get::<_, i64>(1).ok()?))
     };
-    tokio::time::timeout(Duration::from_secs(2), probe).await.ok().flatten()
+    tokio::time::timeout(Duration::from_secs(3), probe).await.ok().flatten()
 }
 
 /// Runs the user role until `shutdown`.
