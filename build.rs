@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/msys/v1/monitor.proto",
         "proto/msys/v1/events.proto",
         "proto/msys/v1/metrics.proto",
+        "proto/msys/v1/load.proto",
     ];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);

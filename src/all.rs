@@ -51,6 +51,8 @@ pub struct AllArgs {
     pub replica: ReplicaArgs,
     #[command(flatten)]
     pub monitor: CollectArgs,
+    #[command(flatten)]
+    pub load: crate::load::service::LoadServiceArgs,
 }
 
 /// Runs the roles until `shutdown` or until one of them stops: a role that
@@ -79,6 +81,7 @@ pub async fn run(args: AllArgs, shutdown: CancellationToken) -> anyhow::Result<(
         kafka: args.kafka.clone(),
         server: args.server.clone(),
         collect: args.monitor,
+        load: args.load,
     };
     // The dashboard reads the monitor of this process over the network, as it would elsewhere.
     let frontend_args = FrontendArgs {

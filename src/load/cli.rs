@@ -18,7 +18,7 @@ use super::{
     run::Progress,
     scenario::{Mix, ScenarioKind, Targets},
 };
-use crate::config::KafkaArgs;
+use crate::{config::KafkaArgs, pb};
 
 #[derive(Args, Debug)]
 pub struct LoadArgs {
@@ -94,6 +94,15 @@ pub struct LoadArgs {
     /// No progress bar (it is hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Run the test in the monitor (RunLoadTest) rather than in this process.
+    #[arg(long)]
+    pub via_monitor: bool,
+    /// The monitor, for --via-monitor.
+    #[arg(long = "monitor", env = "MONITOR_ADDR", default_value = "http://127.0.0.1:50053")]
+    pub monitor: String,
+    /// Sent to the monitor as `authorization: Bearer` with --via-monitor.
+    #[arg(long = "admin-token", env = "MSYS_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<super::service::Secret>,
     #[command(flatten)]
     pub limits: LoadLimits,
     #[command(flatten)]
@@ -110,17 +119,17 @@ fn split_shape(text: &str, what: &str, example: &str) -> Result<(f64, f64, Durat
     Ok((a, b, over))
 }
 
-fn parse_ramp(text: &str) -> Result<Shape, String> {
+pub fn parse_ramp(text: &str) -> Result<Shape, String> {
     let (from, to, over) = split_shape(text, "ramp", "FROM:TO/OVER, e.g. 100:2000/30s")?;
     Ok(Shape::Ramp { from, to, over_s: over.as_secs_f64() })
 }
 
-fn parse_step(text: &str) -> Result<Shape, String> {
+pub fn parse_step(text: &str) -> Result<Shape, String> {
     let (start, step, every) = split_shape(text, "step", "START:STEP/EVERY, e.g. 100:100/5s")?;
     Ok(Shape::Step { start, step, every_s: every.as_secs_f64() })
 }
 
-fn parse_spike(text: &str) -> Result<Shape, String> {
+pub fn parse_spike(text: &str) -> Result<Shape, String> {
     let example = "BASE:PEAK/FOR@AT, e.g. 100:1000/2s@10s";
     let (head, at) = text.split_once('@').ok_or_else(|| format!("spike {text:?} is not of the form {example}"))?;
     let (base, peak, length) = split_shape(head, "spike", example)?;
@@ -196,7 +205,11 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<
     };
     let (tx, rx) = mpsc::channel(16);
     let bar = spawn_bar(rx, config.warmup + config.duration, args.no_progress);
-    let result = super::execute(&config, &args.limits, &args.kafka, Some(tx), shutdown).await;
+    let result = if args.via_monitor {
+        via_monitor(&args, tx, shutdown).await
+    } else {
+        super::execute(&config, &args.limits, &args.kafka, Some(tx), shutdown).await.map_err(anyhow::Error::from)
+    };
     let _ = bar.await;
     let mut report = result?;
     finish(&mut report, &args.thresholds, baseline.as_ref(), args.baseline.as_deref());
@@ -211,6 +224,88 @@ pub async fn run(args: LoadArgs, shutdown: CancellationToken) -> anyhow::Result<
         std::process::exit(THRESHOLD_EXIT_CODE);
     }
     Ok(())
+}
+
+/// The CLI's flags as a RunLoadTest request (profiles in the CLI's own syntax).
+pub fn request_from_args(args: &LoadArgs) -> pb::RunLoadTestRequest {
+    let ms = |s: f64| format!("{}ms", (s * 1000.0).round());
+    let mut request = pb::RunLoadTestRequest {
+        scenario: args.scenario.name().to_owned(),
+        rate: args.rate.unwrap_or(0.0),
+        concurrency: args.concurrency.unwrap_or(0) as u32,
+        duration_seconds: args.duration.as_secs_f64(),
+        warmup_seconds: args.warmup.as_secs_f64(),
+        arrival: format!("{:?}", args.arrival).to_lowercase(),
+        mix: format!("users={},reads={},orders={}", args.mix.users, args.mix.reads, args.mix.orders),
+        max_in_flight: args.max_in_flight as u32,
+        timeout_seconds: args.timeout.as_secs_f64(),
+        find_max: args.find_max,
+        p99_under_ms: args.p99_under.map_or(0.0, |d| d.as_secs_f64() * 1000.0),
+        consumers: args.consumers as u32,
+        pool_role: format!("{:?}", args.pool_role).to_lowercase(),
+        pool_size: args.pool_size.unwrap_or(0) as u32,
+        thresholds: args.thresholds.iter().map(|t| t.text().to_owned()).collect(),
+        connections: args.connections as u32,
+        ..Default::default()
+    };
+    if let Some(Shape::Ramp { from, to, over_s }) = &args.ramp {
+        request.ramp = format!("{from}:{to}/{}", ms(*over_s));
+    }
+    if let Some(Shape::Step { start, step, every_s }) = &args.step {
+        request.step = format!("{start}:{step}/{}", ms(*every_s));
+    }
+    if let Some(Shape::Spike { base, peak, at_s, for_s }) = &args.spike {
+        request.spike = format!("{base}:{peak}/{}@{}", ms(*for_s), ms(*at_s));
+    }
+    request
+}
+
+/// Runs the test in the monitor, drawing its progress on the same bar; Ctrl-C cancels it there.
+async fn via_monitor(args: &LoadArgs, progress: mpsc::Sender<Progress>, shutdown: CancellationToken) -> anyhow::Result<Report> {
+    let channel = tonic::transport::Endpoint::from_shared(args.monitor.clone())
+        .with_context(|| format!("{:?} is not a valid address", args.monitor))?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .with_context(|| format!("connecting to the monitor at {}", args.monitor))?;
+    let mut client = pb::monitor_service_client::MonitorServiceClient::new(channel);
+    let authorized = |message| -> anyhow::Result<tonic::Request<_>> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &args.admin_token {
+            let value = format!("Bearer {}", token.expose()).parse().context("MSYS_ADMIN_TOKEN is not valid in a header")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    };
+    let mut stream = client
+        .run_load_test(authorized(request_from_args(args))?)
+        .await
+        .map_err(|s| anyhow::anyhow!("the monitor refused the load test: {:?}: {}", s.code(), s.message()))?
+        .into_inner();
+    let mut cancel_sent = false;
+    loop {
+        let message = tokio::select! {
+            message = stream.message() => message,
+            _ = shutdown.cancelled(), if !cancel_sent => {
+                cancel_sent = true;
+                let _ = client.cancel_load_test(authorized(pb::CancelLoadTestRequest {})?).await;
+                continue;
+            }
+        };
+        let event = message.map_err(|s| anyhow::anyhow!("the monitor's stream failed: {:?}: {}", s.code(), s.message()))?;
+        match event.and_then(|e| e.event) {
+            Some(pb::load_test_event::Event::Progress(p)) => {
+                let _ = progress.try_send(super::service::progress_from_pb(&p));
+            }
+            Some(pb::load_test_event::Event::Report(report)) => {
+                if !report.error.is_empty() {
+                    anyhow::bail!("the monitor's load test failed: {}", report.error);
+                }
+                return serde_json::from_str(&report.json).context("the monitor's report is not a load report");
+            }
+            None => anyhow::bail!("the monitor ended the stream without a report"),
+        }
+    }
 }
 
 /// Adds threshold verdicts and the baseline comparison to the report.

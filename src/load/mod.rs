@@ -16,6 +16,7 @@ pub mod pool;
 pub mod report;
 pub mod run;
 pub mod scenario;
+pub mod service;
 
 use std::time::{Duration, SystemTime};
 

@@ -441,6 +441,11 @@ fn unknown(name: &str) -> String {
 }
 
 impl Threshold {
+    /// The threshold as it was written.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
     pub fn check(&self, report: &Report) -> Verdict {
         let scheduled = report.requests + report.dropped;
         let share = |n: u64, of: u64| if of == 0 { 0.0 } else { n as f64 / of as f64 };

@@ -68,6 +68,9 @@ pub struct MonitorArgs {
     pub server: ServerArgs,
     #[command(flatten)]
     pub collect: CollectArgs,
+    /// Load tests (RunLoadTest): the admin token and the limits.
+    #[command(flatten)]
+    pub load: crate::load::service::LoadServiceArgs,
 }
 
 /// How often and how patiently the monitor looks (shared with `msys all`).
@@ -100,6 +103,8 @@ pub struct MonitorRole {
     shared: Arc<Shared>,
     metrics: Registry,
     grace: Duration,
+    /// What RunLoadTest needs: the targets, the broker, the token and limits.
+    load: (crate::load::scenario::Targets, KafkaArgs, crate::load::service::LoadServiceArgs),
 }
 
 impl MonitorRole {
@@ -131,7 +136,9 @@ impl MonitorRole {
             history: std::sync::Mutex::new(History::new(c.history, c.interval)),
             interval: c.interval,
         });
-        Ok(MonitorRole { listener, metrics_listener, collector, shared, metrics, grace: args.server.shutdown_grace })
+        let targets = crate::load::scenario::Targets { user_addr: args.user_addr.clone(), order_addr: args.order_addr.clone() };
+        let load = (targets, args.kafka.clone(), args.load);
+        Ok(MonitorRole { listener, metrics_listener, collector, shared, metrics, grace: args.server.shutdown_grace, load })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -145,7 +152,7 @@ impl MonitorRole {
 
     /// Takes a first snapshot, then serves and collects until `shutdown`.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let MonitorRole { listener, metrics_listener, mut collector, shared, metrics, grace } = self;
+        let MonitorRole { listener, metrics_listener, mut collector, shared, metrics, grace, load } = self;
         tracing::info!(addr = %listener.local_addr()?, interval = ?collector.interval, "monitor listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
@@ -154,7 +161,10 @@ impl MonitorRole {
             _ = collector.collect_into(&shared) => {}
             _ = shutdown.cancelled() => return Ok(()),
         }
-        let api = service::MonitorApi::new(shared.clone(), shutdown.clone());
+        let (targets, kafka, load_args) = load;
+        let load =
+            crate::load::service::LoadRunner::new(targets, kafka, load_args, Some(shared.latest.subscribe()), shutdown.clone());
+        let api = service::MonitorApi::new(shared.clone(), shutdown.clone(), Arc::new(load));
         let routes = Routes::new(health).add_service(MonitorServiceServer::new(api));
         let tasks = TaskTracker::new();
         let background = shutdown.child_token();

@@ -20,14 +20,15 @@ const MAX_WATCHERS: usize = 64;
 
 pub struct MonitorApi {
     shared: Arc<Shared>,
+    load: Arc<crate::load::service::LoadRunner>,
     watchers: Arc<Semaphore>,
     /// Ends open streams at shutdown, so the server's drain is not held up by them.
     shutdown: CancellationToken,
 }
 
 impl MonitorApi {
-    pub fn new(shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
-        MonitorApi { shared, watchers: Arc::new(Semaphore::new(MAX_WATCHERS)), shutdown }
+    pub fn new(shared: Arc<Shared>, shutdown: CancellationToken, load: Arc<crate::load::service::LoadRunner>) -> Self {
+        MonitorApi { shared, load, watchers: Arc::new(Semaphore::new(MAX_WATCHERS)), shutdown }
     }
 }
 
@@ -43,6 +44,7 @@ pub fn watch_interval(interval_ms: u32) -> Result<Duration, ServiceError> {
 }
 
 type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::Snapshot, Status>> + Send>>;
+type LoadTestStream = Pin<Box<dyn Stream<Item = Result<pb::LoadTestEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl MonitorService for MonitorApi {
@@ -88,6 +90,27 @@ impl MonitorService for MonitorApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type RunLoadTestStream = LoadTestStream;
+
+    async fn run_load_test(
+        &self,
+        request: Request<pb::RunLoadTestRequest>,
+    ) -> Result<Response<Self::RunLoadTestStream>, Status> {
+        let events = self.load.run(request)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn cancel_load_test(
+        &self,
+        request: Request<pb::CancelLoadTestRequest>,
+    ) -> Result<Response<pb::CancelLoadTestResponse>, Status> {
+        Ok(Response::new(self.load.cancel(request)?))
+    }
+
+    async fn get_load_test(&self, _: Request<pb::GetLoadTestRequest>) -> Result<Response<pb::GetLoadTestResponse>, Status> {
+        Ok(Response::new(self.load.get()))
     }
 
     async fn get_history(&self, request: Request<pb::GetHistoryRequest>) -> Result<Response<pb::History>, Status> {

@@ -5,6 +5,7 @@
 mod hardening;
 mod least_privilege;
 mod load;
+mod load_monitor;
 mod load_scenarios;
 mod monitor;
 mod order_failover;

@@ -54,6 +54,7 @@ fn monitor_args(
         kafka: kafka.clone(),
         server: server_args(),
         collect,
+        load: Default::default(),
     }
 }
 
