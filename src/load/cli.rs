@@ -261,7 +261,11 @@ pub fn request_from_args(args: &LoadArgs) -> pb::RunLoadTestRequest {
 }
 
 /// Runs the test in the monitor, drawing its progress on the same bar; Ctrl-C cancels it there.
-async fn via_monitor(args: &LoadArgs, progress: mpsc::Sender<Progress>, shutdown: CancellationToken) -> anyhow::Result<Report> {
+async fn via_monitor(
+    args: &LoadArgs,
+    progress: mpsc::Sender<Progress>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Report> {
     let channel = tonic::transport::Endpoint::from_shared(args.monitor.clone())
         .with_context(|| format!("{:?} is not a valid address", args.monitor))?
         .connect_timeout(Duration::from_secs(5))
@@ -269,16 +273,9 @@ async fn via_monitor(args: &LoadArgs, progress: mpsc::Sender<Progress>, shutdown
         .await
         .with_context(|| format!("connecting to the monitor at {}", args.monitor))?;
     let mut client = pb::monitor_service_client::MonitorServiceClient::new(channel);
-    let authorized = |message| -> anyhow::Result<tonic::Request<_>> {
-        let mut request = tonic::Request::new(message);
-        if let Some(token) = &args.admin_token {
-            let value = format!("Bearer {}", token.expose()).parse().context("MSYS_ADMIN_TOKEN is not valid in a header")?;
-            request.metadata_mut().insert("authorization", value);
-        }
-        Ok(request)
-    };
+    let token = args.admin_token.as_ref();
     let mut stream = client
-        .run_load_test(authorized(request_from_args(args))?)
+        .run_load_test(authorized(request_from_args(args), token)?)
         .await
         .map_err(|s| anyhow::anyhow!("the monitor refused the load test: {:?}: {}", s.code(), s.message()))?
         .into_inner();
@@ -288,11 +285,12 @@ async fn via_monitor(args: &LoadArgs, progress: mpsc::Sender<Progress>, shutdown
             message = stream.message() => message,
             _ = shutdown.cancelled(), if !cancel_sent => {
                 cancel_sent = true;
-                let _ = client.cancel_load_test(authorized(pb::CancelLoadTestRequest {})?).await;
+                let _ = client.cancel_load_test(authorized(pb::CancelLoadTestRequest {}, token)?).await;
                 continue;
             }
         };
-        let event = message.map_err(|s| anyhow::anyhow!("the monitor's stream failed: {:?}: {}", s.code(), s.message()))?;
+        let event =
+            message.map_err(|s| anyhow::anyhow!("the monitor's stream failed: {:?}: {}", s.code(), s.message()))?;
         match event.and_then(|e| e.event) {
             Some(pb::load_test_event::Event::Progress(p)) => {
                 let _ = progress.try_send(super::service::progress_from_pb(&p));
@@ -306,6 +304,17 @@ async fn via_monitor(args: &LoadArgs, progress: mpsc::Sender<Progress>, shutdown
             None => anyhow::bail!("the monitor ended the stream without a report"),
         }
     }
+}
+
+/// `message` with `authorization: Bearer <token>` when a token is given.
+fn authorized<T>(message: T, token: Option<&super::service::Secret>) -> anyhow::Result<tonic::Request<T>> {
+    let mut request = tonic::Request::new(message);
+    if let Some(token) = token {
+        let value =
+            format!("Bearer {}", token.expose()).parse().context("MSYS_ADMIN_TOKEN is not valid in a header")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
 }
 
 /// Adds threshold verdicts and the baseline comparison to the report.

@@ -113,7 +113,11 @@ impl LoadRunner {
     /// Checks `authorization: Bearer <token>` when a token is configured.
     pub fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let Some(token) = &self.token else { return Ok(()) };
-        let offered = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let offered = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         match offered {
             Some(offered) if token.matches(offered.trim()) => Ok(()),
             Some(_) => Err(Status::unauthenticated("the admin token is wrong")),
@@ -142,7 +146,8 @@ impl LoadRunner {
         }
         tracing::info!(scenario = config.scenario.name(), ?config.shape, ?config.concurrency, ?config.duration, "load test started");
         let (tx, rx) = mpsc::channel(16);
-        let (state, kafka, limits, snapshots) = (self.state.clone(), self.kafka.clone(), self.limits.clone(), self.snapshots.clone());
+        let (state, kafka, limits, snapshots) =
+            (self.state.clone(), self.kafka.clone(), self.limits.clone(), self.snapshots.clone());
         tokio::spawn(async move {
             let lag = snapshots.map(LagWatch::start);
             let (progress_tx, mut progress_rx) = mpsc::channel::<Progress>(16);
@@ -181,8 +186,14 @@ impl LoadRunner {
                     super::cli::finish(&mut report, &thresholds, None, None);
                     report_pb(&report)
                 }
-                Some(Err(error)) => pb::LoadReport { error: error.to_string(), cancelled: cancel.is_cancelled(), ..Default::default() },
-                None => pb::LoadReport { error: "cancelled before any result".into(), cancelled: true, ..Default::default() },
+                Some(Err(error)) => {
+                    pb::LoadReport { error: error.to_string(), cancelled: cancel.is_cancelled(), ..Default::default() }
+                }
+                None => pb::LoadReport {
+                    error: "cancelled before any result".into(),
+                    cancelled: true,
+                    ..Default::default()
+                },
             };
             tracing::info!(requests = report.requests, cancelled = report.cancelled, error = %report.error, "load test finished");
             {
@@ -230,7 +241,10 @@ pub fn config_from_request(
     let scenario = ScenarioKind::parse(&request.scenario).ok_or_else(|| {
         LoadError::invalid(
             "scenario",
-            format!("{:?} is not a scenario: users, reads, orders, mixed, db-pool, consumer-group or health", request.scenario),
+            format!(
+                "{:?} is not a scenario: users, reads, orders, mixed, db-pool, consumer-group or health",
+                request.scenario
+            ),
         )
     })?;
     let mut config = LoadConfig::new(scenario, targets.clone());
@@ -252,7 +266,11 @@ pub fn config_from_request(
         other => return Err(LoadError::invalid("arrival", format!("{other:?} is not constant or poisson"))),
     };
     let rate = finite("rate", request.rate)?;
-    let profiles = [(&request.ramp, parse_ramp as fn(&str) -> Result<Shape, String>, "ramp"), (&request.step, parse_step, "step"), (&request.spike, parse_spike, "spike")];
+    let profiles = [
+        (&request.ramp, parse_ramp as fn(&str) -> Result<Shape, String>, "ramp"),
+        (&request.step, parse_step, "step"),
+        (&request.spike, parse_spike, "spike"),
+    ];
     let mut shape = None;
     for (text, parse, field) in profiles {
         if text.is_empty() {
@@ -357,7 +375,11 @@ pub fn report_pb(report: &Report) -> pb::LoadReport {
         thresholds: report
             .thresholds
             .iter()
-            .map(|v| pb::ThresholdVerdict { threshold: v.threshold.clone(), actual: v.actual.clone(), passed: v.passed })
+            .map(|v| pb::ThresholdVerdict {
+                threshold: v.threshold.clone(),
+                actual: v.actual.clone(),
+                passed: v.passed,
+            })
             .collect(),
         passed: !report.failed_gates(),
         event_lag_p99_ms: report.event_lag.as_ref().map(|l| l.p99_ms),
@@ -403,7 +425,8 @@ impl LagWatch {
     fn finish(self) -> Option<EventLag> {
         self.stop.cancel();
         let after = self.snapshots.borrow().event_flow.as_ref().and_then(|f| f.apply_lag.clone())?;
-        let mut lag = super::lag_between(self.before.as_ref(), &after, "the monitor's snapshots (order role's apply lag)");
+        let mut lag =
+            super::lag_between(self.before.as_ref(), &after, "the monitor's snapshots (order role's apply lag)");
         let max = self.max_lag.load(std::sync::atomic::Ordering::Relaxed);
         lag.max_lag_records = (max >= 0).then_some(max);
         Some(lag)
@@ -438,7 +461,12 @@ mod tests {
     #[test]
     fn bad_requests_name_their_field() {
         let bad = |change: fn(&mut pb::RunLoadTestRequest)| {
-            let mut request = pb::RunLoadTestRequest { scenario: "users".into(), rate: 10.0, duration_seconds: 1.0, ..Default::default() };
+            let mut request = pb::RunLoadTestRequest {
+                scenario: "users".into(),
+                rate: 10.0,
+                duration_seconds: 1.0,
+                ..Default::default()
+            };
             change(&mut request);
             config_from_request(&request, &targets()).map(drop).expect_err("refused").to_string()
         };

@@ -136,9 +136,18 @@ impl MonitorRole {
             history: std::sync::Mutex::new(History::new(c.history, c.interval)),
             interval: c.interval,
         });
-        let targets = crate::load::scenario::Targets { user_addr: args.user_addr.clone(), order_addr: args.order_addr.clone() };
+        let targets =
+            crate::load::scenario::Targets { user_addr: args.user_addr.clone(), order_addr: args.order_addr.clone() };
         let load = (targets, args.kafka.clone(), args.load);
-        Ok(MonitorRole { listener, metrics_listener, collector, shared, metrics, grace: args.server.shutdown_grace, load })
+        Ok(MonitorRole {
+            listener,
+            metrics_listener,
+            collector,
+            shared,
+            metrics,
+            grace: args.server.shutdown_grace,
+            load,
+        })
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
@@ -162,8 +171,13 @@ impl MonitorRole {
             _ = shutdown.cancelled() => return Ok(()),
         }
         let (targets, kafka, load_args) = load;
-        let load =
-            crate::load::service::LoadRunner::new(targets, kafka, load_args, Some(shared.latest.subscribe()), shutdown.clone());
+        let load = crate::load::service::LoadRunner::new(
+            targets,
+            kafka,
+            load_args,
+            Some(shared.latest.subscribe()),
+            shutdown.clone(),
+        );
         let api = service::MonitorApi::new(shared.clone(), shutdown.clone(), Arc::new(load));
         let routes = Routes::new(health).add_service(MonitorServiceServer::new(api));
         let tasks = TaskTracker::new();

@@ -109,7 +109,10 @@ impl MonitorService for MonitorApi {
         Ok(Response::new(self.load.cancel(request)?))
     }
 
-    async fn get_load_test(&self, _: Request<pb::GetLoadTestRequest>) -> Result<Response<pb::GetLoadTestResponse>, Status> {
+    async fn get_load_test(
+        &self,
+        _: Request<pb::GetLoadTestRequest>,
+    ) -> Result<Response<pb::GetLoadTestResponse>, Status> {
         Ok(Response::new(self.load.get()))
     }
 

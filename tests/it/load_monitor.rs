@@ -86,7 +86,8 @@ async fn only_the_admin_token_starts_or_cancels_one_run_at_a_time_and_cancel_sto
     assert_eq!(second.code(), Code::FailedPrecondition, "{second:?}");
     assert!(client.get_load_test(pb::GetLoadTestRequest {}).await?.into_inner().running);
 
-    let unauthenticated = client.cancel_load_test(pb::CancelLoadTestRequest {}).await.expect_err("cancel needs the token");
+    let unauthenticated =
+        client.cancel_load_test(pb::CancelLoadTestRequest {}).await.expect_err("cancel needs the token");
     assert_eq!(unauthenticated.code(), Code::Unauthenticated);
     let asked = Instant::now();
     let cancel = client.cancel_load_test(with_token(pb::CancelLoadTestRequest {}, TOKEN)).await?.into_inner();
@@ -140,7 +141,15 @@ async fn absurd_requests_are_refused_naming_the_field() -> TestResult {
     let monitor = monitor_for(&flow, None).await;
     let mut client = MonitorServiceClient::new(monitor.channel().await);
     for (request, field) in [
-        (pb::RunLoadTestRequest { scenario: "everything".into(), rate: 1.0, duration_seconds: 1.0, ..Default::default() }, "scenario"),
+        (
+            pb::RunLoadTestRequest {
+                scenario: "everything".into(),
+                rate: 1.0,
+                duration_seconds: 1.0,
+                ..Default::default()
+            },
+            "scenario",
+        ),
         (health_run(1e9, 1.0), "rate"),
         (health_run(10.0, 1e7), "duration"),
         (health_run(0.0, 1.0), "rate"),
