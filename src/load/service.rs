@@ -165,7 +165,7 @@ impl LoadRunner {
                     Some(p) = progress_rx.recv() => {
                         let p = progress_pb(&p);
                         if let Some((_, latest)) = state.lock().unwrap_or_else(|e| e.into_inner()).running.as_mut() {
-                            *latest = p.clone();
+                            *latest = p;
                         }
                         // A slow client misses a tick rather than slowing the run.
                         let _ = tx.try_send(Ok(pb::LoadTestEvent { event: Some(pb::load_test_event::Event::Progress(p)) }));
@@ -226,7 +226,7 @@ impl LoadRunner {
         let state = self.lock();
         pb::GetLoadTestResponse {
             running: state.running.is_some(),
-            progress: state.running.as_ref().map(|(_, p)| p.clone()),
+            progress: state.running.as_ref().map(|(_, p)| *p),
             last_report: state.last.clone(),
         }
     }
