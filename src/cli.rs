@@ -127,6 +127,16 @@ pub struct HealthArgs {
     pub timeout: Duration,
 }
 
+impl Command {
+    /// The subcommand's name (`user`, `order`, `all`, …), for the service
+    /// name in traces (`msys-<role>`). Read from the variant's name so that
+    /// it needs no change when a role gains or loses arguments.
+    pub fn role(&self) -> String {
+        let debug = format!("{self:?}");
+        debug.split(|c: char| !c.is_ascii_alphanumeric()).next().unwrap_or("cli").to_ascii_lowercase()
+    }
+}
+
 /// Runs one command until it finishes or `shutdown` fires.
 pub async fn run(command: Command, shutdown: CancellationToken) -> anyhow::Result<()> {
     match command {
@@ -193,9 +203,17 @@ async fn run_migrate(args: MigrateArgs) -> anyhow::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     use super::Cli;
+
+    #[test]
+    fn a_command_names_its_role_for_traces() {
+        let role = |args: &[&str]| Cli::try_parse_from(args).map(|cli| cli.command.role()).ok();
+        assert_eq!(role(&["msys", "user"]).as_deref(), Some("user"));
+        assert_eq!(role(&["msys", "all"]).as_deref(), Some("all"));
+        assert_eq!(role(&["msys", "events", "list-topics"]).as_deref(), Some("events"));
+    }
 
     #[test]
     fn command_line_definition_is_consistent() {

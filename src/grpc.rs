@@ -5,6 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Context;
+use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{
@@ -12,11 +13,13 @@ use tonic::{
     transport::{Endpoint, Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::HealthReporter};
+use tracing::{Instrument, instrument::Instrumented};
 
 use crate::{
     metrics::{MetricsLayer, Registry},
     overload::ConcurrencyLimit,
     pb::{self, metrics_service_server::MetricsServiceServer},
+    telemetry, trace,
 };
 
 /// Binds a role's port. Done before serving, so a caller (a test binding port
@@ -63,6 +66,7 @@ pub async fn serve_limited(
     let server = Server::builder()
         .layer(MetricsLayer::new(metrics))
         .layer(ConcurrencyLimit::new(max_concurrent))
+        .layer(TraceLayer)
         .add_routes(routes)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server);
@@ -78,6 +82,47 @@ pub async fn serve_limited(
             tracing::warn!(?grace, "in-flight RPCs did not finish within the grace period; cut them off");
             Ok(())
         }
+    }
+}
+
+/// Puts each call in a server span that continues the caller's W3C trace
+/// context (`traceparent` metadata), when traces are on; otherwise it only
+/// passes the call through (one relaxed load per call, no span, no box).
+#[derive(Clone, Copy)]
+struct TraceLayer;
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Traced<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Traced { inner }
+    }
+}
+
+#[derive(Clone)]
+struct Traced<S> {
+    inner: S,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for Traced<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Instrumented<S::Future>>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        if !telemetry::traces_enabled() {
+            return Either::Left(self.inner.call(request));
+        }
+        let span = trace::server_span(request.uri().path(), request.headers());
+        let future = span.in_scope(|| self.inner.call(request));
+        Either::Right(future.instrument(span))
     }
 }
 

@@ -24,5 +24,6 @@ pub mod pb;
 pub mod retention;
 pub mod shutdown;
 pub mod telemetry;
+pub mod trace;
 pub mod user;
 pub mod validate;

@@ -36,6 +36,8 @@ fn no_backtraces_in_errors() {
 
 async fn run() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
-    telemetry::init(cli.log_format);
-    cli::run(cli.command, shutdown::on_signal()).await
+    let telemetry = telemetry::init(cli.log_format, &cli.command.role());
+    let result = cli::run(cli.command, shutdown::on_signal()).await;
+    telemetry.shutdown();
+    result
 }

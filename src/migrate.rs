@@ -27,6 +27,11 @@ pub const USERS: &[Migration] = &[
         name: "outbox_retention_index",
         sql: include_str!("migrate/users/0003_outbox_retention_index.sql"),
     },
+    Migration {
+        version: 4,
+        name: "outbox_trace_context",
+        sql: include_str!("migrate/users/0004_outbox_trace_context.sql"),
+    },
 ];
 
 pub const ORDERS: &[Migration] = &[

@@ -90,6 +90,21 @@ pub fn encode(event: &pb::UserEvent) -> EncodedRecord {
     EncodedRecord { key: user_id.to_string(), payload: event.encode_to_vec(), headers }
 }
 
+impl EncodedRecord {
+    /// Adds the CloudEvents distributed-tracing extension (`ce_traceparent`,
+    /// `ce_tracestate`) when there is a context to carry.
+    pub fn with_trace(mut self, trace: &crate::trace::TraceContext) -> Self {
+        for (key, value) in
+            [(crate::trace::CE_TRACEPARENT, &trace.traceparent), (crate::trace::CE_TRACESTATE, &trace.tracestate)]
+        {
+            if let Some(value) = value {
+                self.headers = self.headers.insert(Header { key, value: Some(value.as_str()) });
+            }
+        }
+        self
+    }
+}
+
 /// A header's value as text, if the record has it.
 pub fn header<'a, M: Message>(message: &'a M, name: &'static str) -> Result<Option<&'a str>, DecodeError> {
     let Some(headers) = message.headers() else {

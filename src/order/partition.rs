@@ -38,7 +38,7 @@ use super::{
     apply::{self, ErrorClass, Event, Outcome},
     replica::ReplicaContext,
 };
-use crate::{db::DbError, events, metrics::Registry};
+use crate::{db::DbError, events, metrics::Registry, trace};
 
 /// How long one batch may take in PostgreSQL before it counts as a
 /// transient failure (a deadline) and is tried again.
@@ -173,6 +173,8 @@ impl Worker {
 
     async fn handle(&self, partition: i32, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Done {
         let Some(last) = batch.last() else { return Done::Complete };
+        // A consumer span per record (traces on), ended when this returns.
+        let _spans = trace::consumer_spans(batch);
         let generation = self.shared.generation.load(Ordering::SeqCst);
         self.shared.set_position(partition, batch[0].offset(), true);
         self.metrics.observe("apply_batch_size", batch.len() as f64);

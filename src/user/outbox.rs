@@ -47,6 +47,7 @@ use crate::{
     events, kafka,
     metrics::Registry,
     pb,
+    trace::{self, TraceContext},
 };
 
 /// Key of the advisory lock held by the publishing relay ("msysoutb").
@@ -54,7 +55,7 @@ const RELAY_LOCK: i64 = 0x6d73_7973_6f75_7462;
 
 const PENDING: &str = "
 SELECT id, event_id, event_type, user_id, user_name, user_email, user_version,
-       user_created_at, user_updated_at, occurred_at
+       user_created_at, user_updated_at, occurred_at, traceparent, tracestate
   FROM user_outbox
  WHERE published_at IS NULL AND id > $1
  ORDER BY id
@@ -110,6 +111,8 @@ struct Pending {
     id: i64,
     user_id: i64,
     event: pb::UserEvent,
+    /// The context of the request that made the change.
+    trace: TraceContext,
 }
 
 impl Relay {
@@ -194,8 +197,12 @@ impl Relay {
     /// chunk waits for a later pass.
     fn enqueue(&self, pending: &[Pending]) -> (Vec<DeliveryFuture>, bool) {
         let mut deliveries = Vec::with_capacity(pending.len());
+        let topic = &self.kafka.user_events_topic;
         for row in pending {
             let record = events::encode(&row.event);
+            // With traces on, a producer span per record, the record carrying its context.
+            let (trace, _span) = trace::producer(topic, &record.key, &row.event.event_id, &row.trace);
+            let record = record.with_trace(&trace);
             let future_record = FutureRecord::to(&self.kafka.user_events_topic)
                 .key(&record.key)
                 .payload(&record.payload)
@@ -334,9 +341,12 @@ fn pending_from_row(row: &tokio_postgres::Row) -> Result<Pending, DbError> {
     };
     let event_id: Uuid = col(row, "event_id")?;
     let user_id: i64 = col(row, "user_id")?;
+    let traceparent: Option<String> = col(row, "traceparent")?;
+    let tracestate: Option<String> = col(row, "tracestate")?;
     Ok(Pending {
         id: col(row, "id")?,
         user_id,
+        trace: TraceContext::new(traceparent.as_deref(), tracestate.as_deref()),
         event: pb::UserEvent {
             event_id: event_id.to_string(),
             r#type: col(row, "event_type")?,

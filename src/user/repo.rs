@@ -19,13 +19,15 @@ use crate::{
     error::ServiceError,
     events::EventType,
     pb,
+    trace::TraceContext,
     validate::Page,
 };
 
 const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 
 /// Creates a batch of users: `$1` names, `$2` emails, `$3` idempotency keys
-/// (NULL for none; arrays of one length), `$4` event type. A row whose email
+/// (NULL for none), `$5` traceparents and `$6` tracestates (NULL for none;
+/// arrays of one length), `$4` event type. A row whose email
 /// or key is taken (by an existing user or by an earlier row of the same
 /// batch, whatever the case) is skipped rather than failing the others.
 /// Each input row draws its id before the insert, so the result names every
@@ -35,20 +37,24 @@ const COLUMNS: &str = "id, name, email, version, created_at, updated_at";
 /// keep them in step.
 const CREATE: &str = "
 WITH input AS MATERIALIZED (
-    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, name, email, request_id, ord
-      FROM unnest($1::text[], $2::text[], $3::text[]) WITH ORDINALITY AS t(name, email, request_id, ord)
+    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, name, email, request_id, tp, ts, ord
+      FROM unnest($1::text[], $2::text[], $3::text[], $5::text[], $6::text[])
+           WITH ORDINALITY AS t(name, email, request_id, tp, ts, ord)
 ), u AS (
     INSERT INTO users (id, name, email, request_id)
     SELECT id, name, email, request_id FROM input ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id, name, email, version, created_at, updated_at
 ), o AS (
-    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
-    SELECT $4, id, name, email, version, created_at, updated_at FROM u ORDER BY id
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at,
+                             traceparent, tracestate)
+    SELECT $4, u.id, u.name, u.email, u.version, u.created_at, u.updated_at, input.tp, input.ts
+      FROM u JOIN input USING (id) ORDER BY id
 )
 SELECT input.ord, u.id, u.name, u.email, u.version, u.created_at, u.updated_at FROM u JOIN input USING (id)";
 
-/// `$1` id, `$2` new name or NULL, `$3` new email or NULL, `$4` event type.
+/// `$1` id, `$2` new name or NULL, `$3` new email or NULL, `$4` event type,
+/// `$5` traceparent, `$6` tracestate.
 const UPDATE: &str = "
 WITH u AS (
     UPDATE users
@@ -57,20 +63,23 @@ WITH u AS (
      WHERE id = $1
     RETURNING id, name, email, version, created_at, updated_at
 ), o AS (
-    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
-    SELECT $4, id, name, email, version, created_at, updated_at FROM u
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at,
+                             traceparent, tracestate)
+    SELECT $4, id, name, email, version, created_at, updated_at, $5, $6 FROM u
 )
 SELECT id, name, email, version, created_at, updated_at FROM u";
 
-/// `$1` id, `$2` event type. The event carries the user as it was, with the
-/// next version, so consumers see the deletion as newer than any update.
+/// `$1` id, `$2` event type, `$3` traceparent, `$4` tracestate. The event
+/// carries the user as it was, with the next version, so consumers see the
+/// deletion as newer than any update.
 const DELETE: &str = "
 WITH u AS (
     DELETE FROM users WHERE id = $1
     RETURNING id, name, email, version, created_at, updated_at
 ), o AS (
-    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at)
-    SELECT $2, id, name, email, version + 1, created_at, now() FROM u
+    INSERT INTO user_outbox (event_type, user_id, user_name, user_email, user_version, user_created_at, user_updated_at,
+                             traceparent, tracestate)
+    SELECT $2, id, name, email, version + 1, created_at, now(), $3, $4 FROM u
 )
 SELECT id FROM u";
 
@@ -103,6 +112,8 @@ pub struct NewUser {
     /// The caller's idempotency key: a retry with the same key gets the user
     /// the first attempt created instead of ALREADY_EXISTS.
     pub request_id: Option<String>,
+    /// Stored with the outbox row, published with the event.
+    pub trace: TraceContext,
 }
 
 /// Creates every user of the batch in ONE statement (and so one commit),
@@ -119,6 +130,7 @@ pub async fn create_batch(
     let mut first_of: HashMap<&str, usize> = HashMap::with_capacity(batch.len());
     let mut sent = Vec::with_capacity(batch.len()); // input position → batch index
     let (mut names, mut emails, mut keys) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut parents, mut states) = (Vec::new(), Vec::new());
     for (i, user) in batch.iter().enumerate() {
         if let Entry::Vacant(slot) = first_of.entry(user.email.as_str()) {
             slot.insert(i);
@@ -126,13 +138,17 @@ pub async fn create_batch(
             names.push(user.name.as_str());
             emails.push(user.email.as_str());
             keys.push(user.request_id.as_deref());
+            parents.push(user.trace.traceparent.as_deref());
+            states.push(user.trace.tracestate.as_deref());
         }
     }
     let created = async {
         let client = pool.get().await.map_err(DbError::from)?;
         let statement = client.prepare_cached(CREATE).await.map_err(DbError::from)?;
         let event = EventType::Created.as_str();
-        let rows = db::within(&client, deadline, client.query(&statement, &[&names, &emails, &keys, &event])).await?;
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+            [&names, &emails, &keys, &event, &parents, &states];
+        let rows = db::within(&client, deadline, client.query(&statement, &params)).await?;
         let mut created: Vec<Option<pb::User>> = vec![None; batch.len()];
         for row in &rows {
             let ord: i64 = col(row, "ord")?;
@@ -230,6 +246,7 @@ pub async fn update(
     pool: &Pool,
     id: i64,
     changes: &UserChanges,
+    trace: &TraceContext,
     deadline: Option<Instant>,
 ) -> Result<pb::User, ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
@@ -237,17 +254,20 @@ pub async fn update(
     let name = changes.name.as_ref().map(UserName::as_str);
     let email = changes.email.as_ref().map(Email::as_str);
     let event = EventType::Updated.as_str();
-    let row = db::within(&client, deadline, client.query_opt(&statement, &[&id, &name, &email, &event]))
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 6] =
+        [&id, &name, &email, &event, &trace.traceparent, &trace.tracestate];
+    let row = db::within(&client, deadline, client.query_opt(&statement, &params))
         .await
         .map_err(|e| write_error(e, changes.email.as_ref()))?;
     Ok(user_from_row(&row.ok_or_else(|| not_found(id))?)?)
 }
 
-pub async fn delete(pool: &Pool, id: i64, deadline: Option<Instant>) -> Result<(), ServiceError> {
+pub async fn delete(pool: &Pool, id: i64, trace: &TraceContext, deadline: Option<Instant>) -> Result<(), ServiceError> {
     let client = pool.get().await.map_err(DbError::from)?;
     let statement = client.prepare_cached(DELETE).await.map_err(DbError::from)?;
     let event = EventType::Deleted.as_str();
-    let row = db::within(&client, deadline, client.query_opt(&statement, &[&id, &event])).await?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [&id, &event, &trace.traceparent, &trace.tracestate];
+    let row = db::within(&client, deadline, client.query_opt(&statement, &params)).await?;
     row.map(|_| ()).ok_or_else(|| not_found(id))
 }
 

@@ -20,6 +20,7 @@ use crate::{
     error::ServiceError,
     metrics::Registry,
     pb::{self, user_service_server::UserService},
+    trace::TraceContext,
     validate::{Page, parse_id},
 };
 
@@ -98,10 +99,11 @@ impl UserService for UserApi {
     #[tracing::instrument(skip_all)]
     async fn create_user(&self, request: Request<pb::CreateUserRequest>) -> Result<Response<pb::User>, Status> {
         let (deadline, request_id) = (deadline::of(request.metadata()), idempotency_key(request.metadata())?);
+        let trace = TraceContext::for_change(request.metadata());
         let request = request.into_inner();
         let name = UserName::parse(&request.name)?;
         let email = Email::parse(&request.email)?;
-        let user = self.creates.call(NewUser { name, email, request_id }, deadline).await.map_err(dropped)??;
+        let user = self.creates.call(NewUser { name, email, request_id, trace }, deadline).await.map_err(dropped)??;
         self.relay.notify_one();
         tracing::info!(user.id = user.id, "created user");
         Ok(Response::new(user))
@@ -127,11 +129,11 @@ impl UserService for UserApi {
 
     #[tracing::instrument(skip_all, fields(user.id = request.get_ref().id))]
     async fn update_user(&self, request: Request<pb::UpdateUserRequest>) -> Result<Response<pb::User>, Status> {
-        let deadline = deadline::of(request.metadata());
+        let (deadline, trace) = (deadline::of(request.metadata()), TraceContext::for_change(request.metadata()));
         let request = request.into_inner();
         let id = parse_id("id", request.id)?;
         let changes = UserChanges::parse(request.name.as_deref(), request.email.as_deref())?;
-        let user = repo::update(&self.pool, id, &changes, deadline).await?;
+        let user = repo::update(&self.pool, id, &changes, &trace, deadline).await?;
         self.relay.notify_one();
         tracing::info!("updated user");
         Ok(Response::new(user))
@@ -143,7 +145,8 @@ impl UserService for UserApi {
         request: Request<pb::DeleteUserRequest>,
     ) -> Result<Response<pb::DeleteUserResponse>, Status> {
         let id = parse_id("id", request.get_ref().id)?;
-        repo::delete(&self.pool, id, deadline::of(request.metadata())).await?;
+        let trace = TraceContext::for_change(request.metadata());
+        repo::delete(&self.pool, id, &trace, deadline::of(request.metadata())).await?;
         self.relay.notify_one();
         tracing::info!("deleted user");
         Ok(Response::new(pb::DeleteUserResponse {}))

@@ -16,6 +16,7 @@ mod outbox_failover;
 mod shutdown;
 mod support;
 mod telemetry_metrics;
+mod telemetry_traces;
 mod user_api;
 mod user_batching;
 mod user_events;

@@ -40,7 +40,7 @@ pub fn env(name: &str) -> String {
 
 pub fn init_logging() {
     if std::env::var_os("TEST_LOG").is_some() {
-        msys::telemetry::init(msys::telemetry::LogFormat::Text);
+        let _ = msys::telemetry::init(msys::telemetry::LogFormat::Text, "test");
     }
 }
 
