@@ -2,7 +2,7 @@
 -- CREATE), for a batch of one: name 'pgbench', a unique email, no key and no trace context. Keep
 -- it identical to the user role's SQL, or the ratio means nothing.
 WITH input AS MATERIALIZED (
-    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, name, email, request_id, tp, ts, ord
+    SELECT nextval(pg_get_serial_sequence('users', 'id')) AS id, *
       FROM unnest(ARRAY['pgbench'], ARRAY['pgbench-' || gen_random_uuid() || '@example.com'], ARRAY[NULL::text],
                   ARRAY[NULL::text], ARRAY[NULL::text])
            WITH ORDINALITY AS t(name, email, request_id, tp, ts, ord)
