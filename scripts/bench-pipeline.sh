@@ -147,6 +147,7 @@ main() {
   log "user_load: $load"
   wait_until 300 replica_complete || die_with_log "$TMP/log/order.log" "the replica did not catch up in 300 s"
   caught_ms=$(($(now_ms) - end_ms))
+  log "replica complete ${caught_ms} ms after the burst ended"
   wait_until 120 caught_up || die_with_log "$TMP/log/order.log" "the order role did not apply every event"
 
   # 2. and 3. A backlog the relay cannot publish yet (the user role points at a closed port),
@@ -158,16 +159,18 @@ main() {
   free_port dead
   start_role user "$USER_PORT" "$dead"
   log "backlog: CreateUser at 32 streams for $LOAD_SECONDS s, broker unreachable"
-  "$LOAD_BIN" create --addr "http://127.0.0.1:$USER_PORT" --concurrency 32 --seconds "$LOAD_SECONDS" >/dev/null
+  log "user_load: $("$LOAD_BIN" create --addr "http://127.0.0.1:$USER_PORT" --concurrency 32 --seconds "$LOAD_SECONDS")"
   stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20
   start_role user "$USER_PORT"
   timed "relay drain" wait_until 300 outbox_drained || die_with_log "$TMP/log/user.log" "the outbox never drained"
   relay=$(users_sql "SELECT count(*), extract(epoch FROM max(published_at) - min(published_at))
                        FROM user_outbox WHERE id > $first_b")
+  log "relay: events, seconds from first to last stamp: $relay"
   start_role order "$ORDER_PORT"
   timed "apply backlog" wait_until 300 caught_up || die_with_log "$TMP/log/order.log" "the backlog was not applied"
   apply=$(orders_sql "SELECT count(*), extract(epoch FROM max(applied_at) - min(applied_at))
                         FROM applied_events WHERE user_id > $users_b")
+  log "apply: events, seconds from first to last apply: $apply"
 
   # 4. Lag at a steady rate.
   local warm
@@ -182,12 +185,13 @@ main() {
     SELECT round(percentile_cont(0.5) WITHIN GROUP (ORDER BY ms)::numeric, 1),
            round(percentile_cont(0.99) WITHIN GROUP (ORDER BY ms)::numeric, 1) FROM lag")
   ours_p99=$(awk '{print $2}' <<<"$lag")
+  log "lag p50 p99 (ms): $lag"
 
   local relay_n relay_s relay_rps apply_n apply_s apply_rps
   read -r relay_n relay_s <<<"$relay"
   read -r apply_n apply_s <<<"$apply"
-  relay_rps=$(awk -v n="$relay_n" -v s="$relay_s" 'BEGIN { printf "%.0f", s > 0 ? n / s : 0 }')
-  apply_rps=$(awk -v n="$apply_n" -v s="$apply_s" 'BEGIN { printf "%.0f", s > 0 ? n / s : 0 }')
+  relay_rps=$(awk -v n="$relay_n" -v s="$relay_s" 'BEGIN { printf "%.0f", (s > 0 ? n / s : 0) }')
+  apply_rps=$(awk -v n="$apply_n" -v s="$apply_s" 'BEGIN { printf "%.0f", (s > 0 ? n / s : 0) }')
   catchup=$(awk -v ms="$caught_ms" 'BEGIN { printf "%.1f", ms / 1000 }')
 
   printf '\nbroker (nisshi, same run, %s B records): produce %s/s (idempotent), consume %s/s (one consumer),' \

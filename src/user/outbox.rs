@@ -69,9 +69,9 @@ pub const LEADER_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 const LEADER_HEARTBEAT: Duration = Duration::from_millis(500);
 
 /// Chunks of `batch_size` rows at the broker at once.
-const CHUNKS_IN_FLIGHT: usize = 4;
+const CHUNKS_IN_FLIGHT: usize = 16;
 /// Chunks per pass: the stamps commit at least this often.
-const PASS_CHUNKS: usize = 8;
+const PASS_CHUNKS: usize = 40;
 
 /// How the relay behaves; see `RelayArgs` for the knobs.
 #[derive(Debug, Clone)]
