@@ -16,6 +16,11 @@ const KNOWN: &[(&str, &str, &str)] = &[
     ),
     ("events_published_total", "msys_events_published_total", "Outbox events the broker acknowledged"),
     (
+        "events_published_bytes_total",
+        "msys_events_published_bytes_total",
+        "Key, value and header bytes of the outbox events the broker acknowledged",
+    ),
+    (
         "events_publish_failures_total",
         "msys_events_publish_failures_total",
         "Outbox events the broker did not acknowledge (retried later)",

@@ -98,6 +98,10 @@ async fn every_role_serves_prometheus_metrics_that_promtool_accepts_and_getmetri
     assert_eq!(method.latency_buckets.last().map(|b| (b.le_seconds, b.count)), Some((f64::INFINITY, 2)));
     assert!(method.p50_latency_ms > 0.0 && method.p50_latency_ms <= method.p99_latency_ms);
     assert_eq!(report.values.get("events_published_total"), Some(&1));
+    // Bytes in per second (the monitor's Kafka panel) comes from this: the
+    // record's key, value and CloudEvents headers, so well over 100 bytes.
+    assert!(report.values.get("events_published_bytes_total").is_some_and(|b| *b > 100), "{:?}", report.values);
+    assert!(sample(&body, "msys_events_published_bytes_total").is_some_and(|b| b > 100.0), "{body}");
     promtool_accepts("user", &body).await;
 
     // order role
