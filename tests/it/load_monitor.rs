@@ -15,7 +15,7 @@ use crate::support::{Flow, RunningRole, TestResult, server_args, start_monitor};
 
 const TOKEN: &str = "load-admin-7f3a";
 
-async fn monitor_for(flow: &Flow, token: Option<&str>) -> RunningRole {
+pub(crate) async fn monitor_for(flow: &Flow, token: Option<&str>) -> RunningRole {
     let args = MonitorArgs {
         port: 0,
         metrics_port: 0,

@@ -112,6 +112,21 @@ async fn every_role_serves_prometheus_metrics_that_promtool_accepts_and_getmetri
     assert!(sample(&body, "msys_db_pool_size_connections").is_some());
     promtool_accepts("order", &body).await;
 
+    // monitor role: its own gRPC counters (the collector's health checks and
+    // GetMetrics calls are the *targets'*; its server counts what it serves).
+    let monitor = crate::load_monitor::monitor_for(&flow, None).await;
+    let mut client = pb::monitor_service_client::MonitorServiceClient::new(monitor.channel().await);
+    client.get_snapshot(pb::GetSnapshotRequest {}).await?;
+    let (_, body) = scrape(monitor.metrics_addr).await;
+    let snapshot = "grpc_service=\"msys.v1.MonitorService\",grpc_method=\"GetSnapshot\"";
+    assert_eq!(
+        sample(&body, &format!("grpc_server_handled_total{{{snapshot},grpc_code=\"OK\"}}")),
+        Some(1.0),
+        "{body}"
+    );
+    promtool_accepts("monitor", &body).await;
+    monitor.stop().await;
+
     flow.stop().await;
     Ok(())
 }
