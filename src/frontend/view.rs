@@ -145,72 +145,10 @@ pub fn snapshot(s: &pb::Snapshot) -> Value {
         "monitor": s.monitor.as_ref().map(|m| json!({
             "cpu_percent": m.cpu_percent, "rss_bytes": m.rss_bytes, "collect_ms": m.collect_ms,
         })),
-        "point": point(&reduce(s)),
+        // The same reduction the monitor stores in its history, so live and
+        // past data are one series.
+        "point": point(&crate::monitor::collect::history_point(s)),
     })
-}
-
-/// A snapshot reduced to what the charts draw: the same shape as a point of
-/// `GetHistory`, so live and past data are one series.
-pub fn reduce(s: &pb::Snapshot) -> pb::HistoryPoint {
-    let kafka = s.kafka.clone().unwrap_or_default();
-    let flow = s.event_flow.clone().unwrap_or_default();
-    let interval = |f: &Option<pb::RequestFigures>| f.unwrap_or_default();
-    pb::HistoryPoint {
-        at: s.taken_at,
-        services: s
-            .services
-            .iter()
-            .map(|svc| {
-                let f = interval(&svc.interval);
-                pb::ServicePoint {
-                    name: svc.name.clone(),
-                    state: svc.state,
-                    requests_per_second: f.requests_per_second,
-                    error_rate: f.error_rate,
-                    p50_latency_ms: f.p50_latency_ms,
-                    p99_latency_ms: f.p99_latency_ms,
-                }
-            })
-            .collect(),
-        databases: s
-            .databases
-            .iter()
-            .map(|d| pb::DatabasePoint {
-                name: d.name.clone(),
-                reachable: d.reachable,
-                connections: d.active_connections + d.idle_connections + d.idle_in_transaction_connections,
-                transactions_per_second: d.transactions_per_second,
-                cache_hit_percent: d.cache_hit_percent,
-                size_bytes: d.size_bytes,
-                blocked_sessions: d.blocked_sessions,
-            })
-            .collect(),
-        kafka_reachable: kafka.reachable,
-        messages_per_second: kafka.messages_per_second,
-        bytes_per_second: kafka.bytes_per_second,
-        consumer_lag: kafka.consumer_lag,
-        consumer_lag_seconds: kafka.consumer_lag_seconds,
-        group_status: kafka.group_status,
-        partitions: kafka
-            .partitions
-            .iter()
-            .map(|p| pb::PartitionPoint {
-                partition: p.partition,
-                lag: p.lag,
-                lag_seconds: p.lag_seconds,
-                committed_offset: p.committed_offset,
-                high_watermark: p.high_watermark,
-                status: p.status,
-            })
-            .collect(),
-        outbox_pending: flow.outbox_pending,
-        events_applied_per_second: flow.events_applied_per_second,
-        apply_lag_p50_ms: flow.apply_lag_p50_ms,
-        apply_lag_p99_ms: flow.apply_lag_p99_ms,
-        monitor_cpu_percent: s.monitor.as_ref().map_or(0.0, |m| m.cpu_percent),
-        monitor_rss_bytes: s.monitor.as_ref().map_or(0, |m| m.rss_bytes),
-        collect_ms: s.monitor.as_ref().map_or(0.0, |m| m.collect_ms),
-    }
 }
 
 /// One chart point as JSON (compact keys: a 15-minute history is ~900 of them).
