@@ -41,6 +41,17 @@ const KNOWN: &[(&str, &str, &str)] = &[
         "msys_replica_stalled_partitions",
         "Partitions whose batch has been retried past ORDER_APPLY_STALL_AFTER",
     ),
+    ("create_order_waiters", "msys_create_order_waiting_requests", "CreateOrder calls waiting for their user's event"),
+    (
+        "user_wait_wakeups_total",
+        "msys_user_wait_wakeups_total",
+        "Times a waiting CreateOrder call was woken by its user's arrival to look again",
+    ),
+    (
+        "user_wait_sweeps_total",
+        "msys_user_wait_sweeps_total",
+        "Queries for awaited users that another order process may have applied",
+    ),
     ("partitions_assigned", "msys_consumer_partitions_assigned", "Partitions assigned to this consumer"),
     ("apply_batch_size", "msys_apply_batch_size_events", "Events applied per replica transaction"),
     (

@@ -23,11 +23,13 @@ use crate::{
     events::{Decoded, EventType},
 };
 
-/// One decoded record and where it was read from.
+/// One decoded record, where it was read from, and the span of its
+/// processing (traces on), which a CreateOrder woken by it links to.
 #[derive(Debug, Clone)]
 pub struct Event {
     pub decoded: Decoded,
     pub offset: i64,
+    pub span: Option<opentelemetry::trace::SpanContext>,
 }
 
 /// What applying an event did.

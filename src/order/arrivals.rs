@@ -1,9 +1,18 @@
 //! Per-user wake-ups for CreateOrder calls that wait for a user's first
 //! event. A waiting call registers the user it waits for; whoever learns that
-//! the user landed (the replica applying its event, or the sweep that sees
-//! rows written by another order process) rings [`Arrivals::arrived`] for
-//! that user, and only the calls waiting for that user wake up and look
-//! again. Nothing is polled per waiter: one sweep query covers all of them.
+//! the user landed rings [`Arrivals::arrived`] for that user, and only the
+//! calls waiting for that user wake up and look again.
+//!
+//! Two bells ring it:
+//! - this process's replica, for each user it applied, right after the
+//!   batch's transaction committed (so a woken call finds the row), with the
+//!   apply's span, which the woken call links to;
+//! - the sweep, for users applied by ANOTHER order process: the group splits
+//!   the partitions between the members, so the event of the user a call
+//!   waits for here may be applied by a member whose progress rings no bell
+//!   in this process (and PostgreSQL says nothing about other sessions'
+//!   commits unless asked). One query every `sweep_interval` covers all
+//!   waiters, and none runs while nobody waits.
 
 use std::{
     collections::HashMap,
@@ -12,65 +21,69 @@ use std::{
 };
 
 use deadpool_postgres::Pool;
+use opentelemetry::trace::SpanContext;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-/// How often the sweep looks for waited-for users that another order
-/// process applied (their progress rings no bell in this process). One query
-/// per interval for all waiters, and none while nobody waits.
+use crate::metrics::Registry;
+
+/// Sweep queries for awaited users (each covers every waiter).
+pub const SWEEPS: &str = "user_wait_sweeps_total";
+
+/// The default sweep interval (`ORDER_USER_SWEEP_INTERVAL`): how late a call
+/// may learn of its user when another order process applied it.
 pub const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
 
+/// One awaited user's bell, shared by the calls waiting for it.
+#[derive(Default)]
+struct Bell {
+    notify: Notify,
+    /// The span of the apply that brought the user, once the replica here
+    /// applied it (and traces are on).
+    applied_by: Mutex<Option<SpanContext>>,
+}
+
 /// Per awaited user: its bell and how many calls wait for it.
-type Waiting = HashMap<i64, (Arc<Notify>, usize)>;
+type Waiting = HashMap<i64, (Arc<Bell>, usize)>;
 
 /// The users that CreateOrder calls are waiting for; cheap to clone.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct Arrivals {
     waiting: Arc<Mutex<Waiting>>,
-    /// Rung when anything was applied locally by a replica that does not
-    /// (yet) name users: the sweep then runs at once.
-    applied: Arc<Notify>,
+    metrics: Registry,
 }
 
 impl Arrivals {
-    pub fn new() -> Self {
-        Arrivals::default()
-    }
-
-    /// Arrivals whose sweep also runs whenever `applied` is rung: the
-    /// replica's "something was applied" signal, until it names users.
-    pub fn with_signal(applied: Arc<Notify>) -> Self {
-        Arrivals { waiting: Arc::default(), applied }
+    pub fn new(metrics: Registry) -> Self {
+        metrics.add(SWEEPS, 0);
+        Arrivals { waiting: Arc::default(), metrics }
     }
 
     fn waiting(&self) -> MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// An event for `user_id` was applied (or the user was found): wakes the
-    /// calls waiting for this user, and nobody else. The replica calls this
-    /// after committing a user's event.
-    pub fn arrived(&self, user_id: i64) {
-        if let Some((notify, _)) = self.waiting().get(&user_id) {
-            notify.notify_waiters();
+    /// `user_id` is now in the database (committed): wakes the calls waiting
+    /// for this user, and nobody else. `applied_by` is the span of the apply
+    /// that brought it, if this process applied it with traces on.
+    pub fn arrived(&self, user_id: i64, applied_by: Option<&SpanContext>) {
+        let Some(bell) = self.waiting().get(&user_id).map(|(bell, _)| bell.clone()) else { return };
+        if let Some(span) = applied_by.filter(|span| span.is_valid()) {
+            // The first apply is the one that created the user.
+            bell.applied_by.lock().unwrap_or_else(PoisonError::into_inner).get_or_insert_with(|| span.clone());
         }
-    }
-
-    /// Something was applied, without saying for whom: makes the sweep look
-    /// at once. For replicas that cannot name the user.
-    pub fn something_applied(&self) {
-        self.applied.notify_one();
+        bell.notify.notify_waiters();
     }
 
     /// Registers a call waiting for `user_id`, until the returned guard drops.
     pub fn expect(&self, user_id: i64) -> Waiter {
-        let notify = {
+        let bell = {
             let mut waiting = self.waiting();
-            let entry = waiting.entry(user_id).or_insert_with(|| (Arc::new(Notify::new()), 0));
+            let entry = waiting.entry(user_id).or_insert_with(|| (Arc::default(), 0));
             entry.1 += 1;
             entry.0.clone()
         };
-        Waiter { arrivals: self.clone(), user_id, notify }
+        Waiter { arrivals: self.clone(), user_id, bell }
     }
 
     /// The users waited for right now.
@@ -78,24 +91,25 @@ impl Arrivals {
         self.waiting().keys().copied().collect()
     }
 
-    /// Runs until `stop`: whenever calls wait, looks every [`SWEEP_INTERVAL`]
-    /// (or at once when something was applied here) which of their users
-    /// the database knows, live or deleted, and rings those.
-    pub async fn sweep(self, pool: Pool, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+    /// Runs until `stop`: whenever calls wait, looks every `interval` which
+    /// of their users the database knows, live or deleted, and rings those:
+    /// the users another order process applied (see the module doc).
+    pub async fn sweep(self, pool: Pool, interval: Duration, stop: CancellationToken) {
+        // A zero interval would make `interval` panic; 1 ms is already a busy loop.
+        let mut tick = tokio::time::interval(interval.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tick.tick() => {}
-                _ = self.applied.notified() => {}
             }
             let ids = self.waited_for();
             if ids.is_empty() {
                 continue;
             }
+            self.metrics.add(SWEEPS, 1);
             match landed(&pool, &ids).await {
-                Ok(found) => found.into_iter().for_each(|id| self.arrived(id)),
+                Ok(found) => found.into_iter().for_each(|id| self.arrived(id, None)),
                 Err(error) => tracing::debug!(%error, "sweep for awaited users failed; retrying"),
             }
         }
@@ -119,14 +133,20 @@ async fn landed(pool: &Pool, ids: &[i64]) -> Result<Vec<i64>, crate::db::DbError
 pub struct Waiter {
     arrivals: Arrivals,
     user_id: i64,
-    notify: Arc<Notify>,
+    bell: Arc<Bell>,
 }
 
 impl Waiter {
     /// The bell to listen on: create (and `enable`) the `Notified` before
     /// looking in the database, so an arrival in between is not missed.
     pub fn bell(&self) -> &Notify {
-        &self.notify
+        &self.bell.notify
+    }
+
+    /// The span of the apply that brought the user here, if this process
+    /// applied it with traces on.
+    pub fn applied_by(&self) -> Option<SpanContext> {
+        self.bell.applied_by.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 }
 
@@ -144,24 +164,46 @@ impl Drop for Waiter {
 
 #[cfg(test)]
 mod tests {
+    use opentelemetry::trace::{SpanId, TraceFlags, TraceId, TraceState};
+
     use super::*;
+
+    fn arrivals() -> Arrivals {
+        Arrivals::new(Registry::new("order"))
+    }
 
     #[tokio::test]
     async fn an_arrival_wakes_the_calls_waiting_for_that_user_and_no_other() {
-        let arrivals = Arrivals::new();
+        let arrivals = arrivals();
         let (one, two) = (arrivals.expect(1), arrivals.expect(2));
         let (woke_one, woke_two) = (one.bell().notified(), two.bell().notified());
         tokio::pin!(woke_one, woke_two);
         woke_one.as_mut().enable();
         woke_two.as_mut().enable();
-        arrivals.arrived(1);
+        arrivals.arrived(1, None);
         assert!(tokio::time::timeout(Duration::from_secs(5), woke_one).await.is_ok(), "user 1's waiter woke");
         assert!(tokio::time::timeout(Duration::from_millis(50), woke_two).await.is_err(), "user 2's waiter slept on");
     }
 
     #[test]
+    fn a_waiter_learns_the_span_of_the_first_apply_of_its_user() {
+        let span = |n: u64| {
+            SpanContext::new(TraceId::from(7u128), SpanId::from(n), TraceFlags::SAMPLED, true, TraceState::NONE)
+        };
+        let arrivals = arrivals();
+        let waiter = arrivals.expect(1);
+        arrivals.arrived(1, None);
+        assert_eq!(waiter.applied_by(), None, "the sweep knows no span");
+        arrivals.arrived(1, Some(&span(3)));
+        arrivals.arrived(1, Some(&span(4)));
+        assert_eq!(waiter.applied_by(), Some(span(3)), "the creating apply's span");
+        arrivals.arrived(2, Some(&span(5)));
+        assert!(arrivals.waited_for() == vec![1], "nobody waited for user 2: nothing was kept for it");
+    }
+
+    #[test]
     fn registrations_are_dropped_with_their_last_waiter() {
-        let arrivals = Arrivals::new();
+        let arrivals = arrivals();
         let (a, b) = (arrivals.expect(7), arrivals.expect(7));
         assert_eq!(arrivals.waited_for(), vec![7]);
         drop(a);

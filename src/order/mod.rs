@@ -70,6 +70,12 @@ pub struct ReplicaArgs {
     #[arg(long, env = "ORDER_MAX_USER_WAITERS", default_value_t = 1000,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub max_user_waiters: usize,
+    /// While CreateOrder calls wait, how often one query looks for their
+    /// users in case another order process applied them (users this process
+    /// applies wake their calls at once): the most such a call waits longer
+    /// than it has to.
+    #[arg(long, env = "ORDER_USER_SWEEP_INTERVAL", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub user_sweep_interval: Duration,
     /// Ids of applied events are kept this long (by the database's clock)
     /// to recognise redeliveries, then deleted; version gating makes an
     /// event redelivered after that harmless.
@@ -131,8 +137,10 @@ pub struct OrderRole {
     metrics_listener: TcpListener,
     pool: Pool,
     replica: Replica,
+    arrivals: Arrivals,
     metrics: Registry,
     user_wait: Duration,
+    sweep_interval: Duration,
     max_user_waiters: usize,
     server: ServerArgs,
     retention: (Duration, Duration),
@@ -157,7 +165,8 @@ impl OrderRole {
             group_instance_id: Some(consumer.group_instance_id.clone()).filter(|id| !id.is_empty()),
             stall_after: consumer.stall_after,
         };
-        let replica = Replica::new(pool.clone(), args.kafka.clone(), settings, metrics.clone())?;
+        let arrivals = Arrivals::new(metrics.clone());
+        let replica = Replica::new(pool.clone(), args.kafka.clone(), settings, arrivals.clone(), metrics.clone())?;
         let listener = grpc::bind(args.server.addr(args.port)?).await?;
         let metrics_listener = metrics::http::bind(args.server.addr(args.metrics_port)?).await?;
         Ok(OrderRole {
@@ -165,8 +174,10 @@ impl OrderRole {
             metrics_listener,
             pool,
             replica,
+            arrivals,
             metrics,
             user_wait: args.replica.user_wait,
+            sweep_interval: args.replica.user_sweep_interval,
             max_user_waiters: args.replica.max_user_waiters,
             server: args.server,
             retention: (args.replica.applied_events_retention, args.replica.prune_interval),
@@ -192,8 +203,10 @@ impl OrderRole {
             metrics_listener,
             pool,
             replica,
+            arrivals,
             metrics,
             user_wait,
+            sweep_interval,
             max_user_waiters,
             server,
             retention: (retention, prune_every),
@@ -201,7 +214,6 @@ impl OrderRole {
         tracing::info!(addr = %listener.local_addr()?, "order service listening");
         let (reporter, health) = tonic_health::server::health_reporter();
         grpc::set_health(&reporter, &[SERVICE_NAME], false).await;
-        let arrivals = Arrivals::with_signal(replica.applied_signal());
         let api = service::OrderApi::new(pool.clone(), arrivals.clone(), user_wait, max_user_waiters, metrics.clone());
         let routes = Routes::new(health).add_service(OrderServiceServer::new(api));
 
@@ -245,7 +257,11 @@ impl OrderRole {
         let pruning =
             retention::run(pool.clone(), retention::APPLIED_EVENTS, retention, prune_every, background.clone());
         supervisor.spawn("applied events pruning", background.clone(), pruning);
-        supervisor.spawn("arrivals sweep", background.clone(), arrivals.sweep(pool, background.clone()));
+        supervisor.spawn(
+            "arrivals sweep",
+            background.clone(),
+            arrivals.sweep(pool, sweep_interval, background.clone()),
+        );
         let stop_accepting = CancellationToken::new();
         tasks.spawn(shutdown::drain_in_order(
             role.clone(),

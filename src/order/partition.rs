@@ -25,17 +25,20 @@ use std::{
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use futures::FutureExt;
+use opentelemetry::trace::TraceContextExt;
 use rdkafka::{
     Message,
     consumer::{Consumer, StreamConsumer, stream_consumer::StreamPartitionQueue},
     message::{Header, Headers, OwnedHeaders, OwnedMessage},
     producer::{FutureProducer, FutureRecord},
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
     apply::{self, ErrorClass, Event, Outcome},
+    arrivals::Arrivals,
     replica::ReplicaContext,
 };
 use crate::{db::DbError, events, metrics::Registry, trace};
@@ -102,7 +105,9 @@ pub struct Worker {
     pub batch_size: usize,
     pub stall_after: Duration,
     pub shared: Arc<Shared>,
-    pub applied: Arc<Notify>,
+    /// Told of each user a committed batch applied, to wake the CreateOrder
+    /// calls waiting for that user.
+    pub arrivals: Arrivals,
     pub metrics: Registry,
 }
 
@@ -174,7 +179,7 @@ impl Worker {
     async fn handle(&self, partition: i32, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Done {
         let Some(last) = batch.last() else { return Done::Complete };
         // A consumer span per record (traces on), ended when this returns.
-        let _spans = trace::consumer_spans(batch);
+        let spans = trace::consumer_spans(batch);
         let generation = self.shared.generation.load(Ordering::SeqCst);
         self.shared.set_position(partition, batch[0].offset(), true);
         self.metrics.observe("apply_batch_size", batch.len() as f64);
@@ -185,7 +190,8 @@ impl Worker {
         for (index, message) in batch.iter().enumerate() {
             match events::decode(message) {
                 Ok(decoded) => {
-                    events.push(Event { decoded, offset: message.offset() });
+                    let span = spans.get(index).map(|span| span.context().span().span_context().clone());
+                    events.push(Event { decoded, offset: message.offset(), span });
                     sources.push(index);
                 }
                 Err(error) => poison.push((index, error.to_string())),
@@ -263,7 +269,9 @@ impl Worker {
                     .await;
             let why = match attempt {
                 Ok(Ok(outcomes)) => {
+                    // Committed: a call woken now finds the user's row.
                     self.count(events, &outcomes);
+                    self.announce(events, &outcomes);
                     if stalled {
                         let left = self.shared.set_stalled(partition, None);
                         self.metrics.set("replica_stalled_partitions", left as i64);
@@ -337,7 +345,18 @@ impl Worker {
         self.metrics.add("events_applied_total", applied);
         self.metrics.add("events_duplicate_total", duplicate);
         self.metrics.add("events_stale_total", stale);
-        self.applied.notify_waiters();
+    }
+
+    /// Rings the bell of each user whose event this committed batch applied
+    /// (created, updated or deleted: a call waiting for a deleted user is
+    /// answered at once too), passing the apply's span. Calls waiting for
+    /// other users sleep on.
+    fn announce(&self, events: &[Event], outcomes: &[Outcome]) {
+        for (event, outcome) in events.iter().zip(outcomes) {
+            if *outcome == Outcome::Applied {
+                self.arrivals.arrived(event.decoded.user.id, event.span.as_ref());
+            }
+        }
     }
 
     /// Dead-letters one record, retrying until the DLQ acknowledges it.

@@ -30,10 +30,13 @@ use rdkafka::{
     message::OwnedMessage,
     producer::FutureProducer,
 };
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
-use super::partition::{Shared, Worker};
+use super::{
+    arrivals::Arrivals,
+    partition::{Shared, Worker},
+};
 use crate::{config::KafkaArgs, kafka, metrics::Registry};
 
 #[derive(Debug, Clone)]
@@ -89,13 +92,20 @@ pub struct Replica {
     settings: ReplicaSettings,
     consumer: Arc<StreamConsumer<ReplicaContext>>,
     dlq: FutureProducer,
-    applied: Arc<Notify>,
+    arrivals: Arrivals,
     shared: Arc<Shared>,
     metrics: Registry,
 }
 
 impl Replica {
-    pub fn new(pool: Pool, kafka: KafkaArgs, settings: ReplicaSettings, metrics: Registry) -> anyhow::Result<Self> {
+    /// A replica that tells `arrivals` of every user it applies.
+    pub fn new(
+        pool: Pool,
+        kafka: KafkaArgs,
+        settings: ReplicaSettings,
+        arrivals: Arrivals,
+        metrics: Registry,
+    ) -> anyhow::Result<Self> {
         let shared = Arc::new(Shared::default());
         let mut config = kafka::client_config(&kafka, "msys-order-replica");
         config
@@ -117,27 +127,12 @@ impl Replica {
             .create_with_context(ReplicaContext { metrics: metrics.clone(), shared: shared.clone() })
             .context("creating the Kafka consumer")?;
         let dlq = kafka::producer(&kafka, "msys-order-dlq", Duration::from_secs(30))?;
-        Ok(Replica {
-            pool,
-            kafka,
-            settings,
-            consumer: Arc::new(consumer),
-            dlq,
-            applied: Arc::new(Notify::new()),
-            shared,
-            metrics,
-        })
+        Ok(Replica { pool, kafka, settings, consumer: Arc::new(consumer), dlq, arrivals, shared, metrics })
     }
 
     /// Joined, and why not keeping up, for the readiness probe.
     pub fn shared(&self) -> Arc<Shared> {
         self.shared.clone()
-    }
-
-    /// Rung after every applied batch: CreateOrder waits on it for a user
-    /// whose creation is still in flight.
-    pub fn applied_signal(&self) -> Arc<Notify> {
-        self.applied.clone()
     }
 
     /// Makes sure both topics exist with the configured partition count
@@ -238,7 +233,7 @@ impl Replica {
             batch_size: self.settings.batch_size,
             stall_after: self.settings.stall_after,
             shared: self.shared.clone(),
-            applied: self.applied.clone(),
+            arrivals: self.arrivals.clone(),
             metrics: self.metrics.clone(),
         };
         tasks.spawn(worker.run(partition, queue, receiver, stop.clone()));

@@ -8,9 +8,10 @@ use tokio::{
     time::Instant,
 };
 use tonic::{Request, Response, Status};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
-    arrivals::Arrivals,
+    arrivals::{Arrivals, Waiter},
     domain::{NewOrder, cancel_reason},
     repo::{self, Placement},
 };
@@ -56,11 +57,15 @@ impl Drop for WaiterSlot {
 
 /// CreateOrder calls waiting for their user right now.
 pub const WAITERS_GAUGE: &str = "create_order_waiters";
+/// Times a waiting CreateOrder call was woken to look for its user again:
+/// only its own user's arrival wakes it.
+pub const WAKEUPS: &str = "user_wait_wakeups_total";
 
 impl OrderApi {
     pub fn new(pool: Pool, arrivals: Arrivals, user_wait: Duration, max_waiters: usize, metrics: Registry) -> Self {
         let max_waiters = max_waiters.max(1);
         metrics.set(WAITERS_GAUGE, 0);
+        metrics.add(WAKEUPS, 0);
         let waiters = Arc::new(Semaphore::new(max_waiters));
         OrderApi { pool, arrivals, user_wait, waiters, max_waiters, metrics }
     }
@@ -70,7 +75,8 @@ impl OrderApi {
     /// event to be applied here. We wait rather than ask the user service:
     /// the order service then keeps working while the user service is down,
     /// and the answer is always the one the replica will give a moment later.
-    /// A deleted user is refused at once.
+    /// A deleted user is refused at once. A call that waited and was woken
+    /// by this process's replica links its span to the apply's.
     async fn place(&self, order: &NewOrder, deadline: Option<Instant>) -> Result<pb::Order, ServiceError> {
         let wait_until = (Instant::now() + self.user_wait).min(deadline.unwrap_or_else(far_future));
         if let Some(placed) = self.try_place(order, deadline, wait_until).await? {
@@ -91,11 +97,13 @@ impl OrderApi {
             let bell = waiter.bell().notified();
             tokio::pin!(bell);
             bell.as_mut().enable();
-            if let Some(placed) = self.try_place(order, deadline, wait_until).await? {
+            let placed = self.try_place(order, deadline, wait_until).await.inspect_err(|_| link_to_apply(&waiter))?;
+            if let Some(placed) = placed {
+                link_to_apply(&waiter);
                 return Ok(placed);
             }
             tokio::select! {
-                _ = bell => {}
+                _ = bell => self.metrics.add(WAKEUPS, 1),
                 _ = tokio::time::sleep_until(wait_until) => {}
             }
         }
@@ -119,6 +127,15 @@ impl OrderApi {
             }
             Placement::UnknownUser => Ok(None),
         }
+    }
+}
+
+/// Links the current span (the CreateOrder that waited) to the span of the
+/// apply that brought its user, if this process applied it with traces on:
+/// the trace of the user's creation and the order's trace join there.
+fn link_to_apply(waiter: &Waiter) {
+    if let Some(apply) = waiter.applied_by() {
+        tracing::Span::current().add_link(apply);
     }
 }
 

@@ -21,3 +21,4 @@ mod user_api;
 mod user_batching;
 mod user_events;
 mod user_faults;
+mod user_wait;

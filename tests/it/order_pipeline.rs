@@ -133,7 +133,7 @@ async fn values_postgres_refuses_are_permanent_errors_naming_their_sqlstate() ->
             user: pb_event.user.clone().expect("user"),
             event: pb_event,
         };
-        Event { decoded, offset: 0 }
+        Event { decoded, offset: 0, span: None }
     };
     for (poison, sqlstate) in [(event(1, "nul\0name"), "22021"), (event(0, "zero"), "23514")] {
         let error = apply::apply_batch(&pool, "t", 0, &[event(5, "ok"), poison]).await.expect_err("refused");

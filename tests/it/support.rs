@@ -111,6 +111,7 @@ pub fn order_args(db: &PostgresSettings, kafka: &KafkaArgs, group: &str) -> Orde
             user_wait: Duration::from_secs(2),
             consumer: Default::default(),
             max_user_waiters: 1000,
+            user_sweep_interval: msys::order::arrivals::SWEEP_INTERVAL,
             applied_events_retention: Duration::from_secs(7 * 86_400),
             prune_interval: Duration::from_secs(60),
         },

@@ -9,7 +9,10 @@ use std::{
     time::Duration,
 };
 
-use msys::pb::{self, user_service_client::UserServiceClient};
+use msys::pb::{
+    self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
+    user_service_client::UserServiceClient,
+};
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
         ExportTraceServiceRequest, ExportTraceServiceResponse,
@@ -27,16 +30,27 @@ use crate::support::{
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+/// The traces of a CreateOrder that waits for its user, and of that user's creation.
+const ORDER_TRACE_ID: &str = "5a3e1c0d9b8f47a6b2c1d0e9f8a7b6c5";
+const LATE_USER_TRACE_ID: &str = "6b4f2d1e0c9a48b7c3d2e1f0a9b8c7d6";
 
 fn traceparent() -> String {
-    format!("00-{TRACE_ID}-{CALLER_SPAN}-01")
+    traceparent_in(TRACE_ID)
+}
+
+fn traceparent_in(trace_id: &str) -> String {
+    format!("00-{trace_id}-{CALLER_SPAN}-01")
+}
+
+fn traced<T>(message: T, trace_id: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert("traceparent", traceparent_in(trace_id).parse().expect("ascii"));
+    request.metadata_mut().insert("tracestate", "msys=test".parse().expect("ascii"));
+    request
 }
 
 fn create_request(email: &str) -> tonic::Request<pb::CreateUserRequest> {
-    let mut request = tonic::Request::new(pb::CreateUserRequest { name: "Ada".into(), email: email.into() });
-    request.metadata_mut().insert("traceparent", traceparent().parse().expect("ascii"));
-    request.metadata_mut().insert("tracestate", "msys=test".parse().expect("ascii"));
-    request
+    traced(pb::CreateUserRequest { name: "Ada".into(), email: email.into() }, TRACE_ID)
 }
 
 #[tokio::test]
@@ -63,8 +77,11 @@ struct Received {
     name: String,
     kind: i32,
     trace_id: String,
+    span_id: String,
     parent_span_id: String,
     attributes: Vec<(String, String)>,
+    /// (trace id, span id) of each span this one links to.
+    links: Vec<(String, String)>,
 }
 
 #[derive(Clone, Default)]
@@ -104,8 +121,10 @@ impl TraceService for Receiver {
                     name: span.name,
                     kind: span.kind,
                     trace_id: hex(&span.trace_id),
+                    span_id: hex(&span.span_id),
                     parent_span_id: hex(&span.parent_span_id),
                     attributes: span.attributes.iter().map(|kv| (kv.key.clone(), text(&kv.value))).collect(),
+                    links: span.links.iter().map(|link| (hex(&link.trace_id), hex(&link.span_id))).collect(),
                 });
             }
         }
@@ -129,8 +148,23 @@ impl Receiver {
     }
 
     fn find(&self, service: &str, kind: SpanKind) -> Option<Received> {
+        self.find_in(TRACE_ID, service, kind)
+    }
+
+    fn find_in(&self, trace_id: &str, service: &str, kind: SpanKind) -> Option<Received> {
         let spans = self.0.lock().expect("receiver lock");
-        spans.iter().find(|s| s.service == service && s.kind == kind as i32 && s.trace_id == TRACE_ID).cloned()
+        spans.iter().find(|s| s.service == service && s.kind == kind as i32 && s.trace_id == trace_id).cloned()
+    }
+
+    /// The spans of `service` in `trace_id` that link to `target`.
+    fn linking_to(&self, trace_id: &str, service: &str, target: &Received) -> Vec<Received> {
+        let spans = self.0.lock().expect("receiver lock");
+        let link = (target.trace_id.clone(), target.span_id.clone());
+        spans
+            .iter()
+            .filter(|s| s.service == service && s.trace_id == trace_id && s.links.contains(&link))
+            .cloned()
+            .collect()
     }
 }
 
@@ -152,9 +186,11 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
         ("OUTBOX_POLL_INTERVAL", "100ms"),
         ("ORDER_CONSUMER_GROUP", group.as_str()),
     ];
-    let user_port = free_port();
+    let (user_port, order_port) = (free_port(), free_port());
     let mut user = spawn_role("user", user_port, &users_db, &kafka, &otel);
-    let mut order = spawn_role("order", free_port(), &orders_db, &kafka, &otel);
+    // A CreateOrder below waits for its user: long enough for a loaded machine.
+    let order_env = [otel.as_slice(), &[("ORDER_USER_WAIT", "60s")]].concat();
+    let mut order = spawn_role("order", order_port, &orders_db, &kafka, &order_env);
     let mut users = eventually(Duration::from_secs(30), "msys user accepts connections", || async move {
         UserServiceClient::connect(format!("http://127.0.0.1:{user_port}")).await.ok()
     })
@@ -194,7 +230,40 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
     );
     assert_eq!(attribute(&consumer, "messaging.kafka.offset"), Some(records[0].offset().to_string().as_str()));
     assert_eq!(consumer.name, format!("process {}", kafka.user_events_topic));
-    let _ = created;
+
+    // A CreateOrder that waits for a user created after it links, in its own
+    // trace, to the consumer span of the apply that brought the user.
+    let order_channel = tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{order_port}"))?;
+    let order_channel = order_channel.connect().await?;
+    let late_id = created.id + 1; // the next id of a fresh users table
+    let mut orders = OrderServiceClient::new(order_channel.clone());
+    let waiting = tokio::spawn(async move {
+        let request = pb::CreateOrderRequest { user_id: late_id, product: "pen".into(), quantity: 1 };
+        orders.create_order(traced(request, ORDER_TRACE_ID)).await
+    });
+    eventually(Duration::from_secs(30), "the CreateOrder waits for its user", || {
+        let mut metrics = MetricsServiceClient::new(order_channel.clone());
+        async move {
+            let report = metrics.get_metrics(pb::GetMetricsRequest {}).await.ok()?.into_inner();
+            (report.values.get("create_order_waiters").copied() == Some(1)).then_some(())
+        }
+    })
+    .await;
+    let request = pb::CreateUserRequest { name: "Late".into(), email: "late@example.org".into() };
+    let late = users.create_user(traced(request, LATE_USER_TRACE_ID)).await?.into_inner();
+    assert_eq!(late.id, late_id, "the user the order waits for");
+    let placed = waiting.await??.into_inner();
+    assert_eq!(placed.user_id, late_id);
+    let apply = eventually(Duration::from_secs(30), "the order role exports the late user's consumer span", || async {
+        receiver.find_in(LATE_USER_TRACE_ID, "msys-order", SpanKind::Consumer)
+    })
+    .await;
+    let linking = eventually(Duration::from_secs(30), "the waiting CreateOrder's span links to the apply", || async {
+        Some(receiver.linking_to(ORDER_TRACE_ID, "msys-order", &apply)).filter(|spans| !spans.is_empty())
+    })
+    .await;
+    assert_eq!(linking.len(), 1, "one span of the CreateOrder carries the link: {linking:?}");
+    assert_eq!(linking[0].name, "create_order", "{linking:?}");
 
     user.start_kill()?;
     order.start_kill()?;
