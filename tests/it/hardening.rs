@@ -238,7 +238,10 @@ async fn create_order_calls_waiting_for_users_are_capped() -> TestResult {
     create_topic(&kafka).await;
     let mut args = order_args(&fresh_database(orders_port()), &kafka, &unique("order-service"));
     args.replica.max_user_waiters = 2;
-    args.replica.user_wait = Duration::from_secs(20);
+    // The two waiters hold their places until the test lets them go: with a
+    // wait that could run out, a slow machine freed a place before the third
+    // call came, and that call waited instead of being refused.
+    args.replica.user_wait = Duration::from_secs(3600);
     let role = start_order(args).await;
     let orders = OrderServiceClient::new(role.channel().await);
     let order = |user_id| pb::CreateOrderRequest { user_id, product: "pen".into(), quantity: 1 };
@@ -249,20 +252,29 @@ async fn create_order_calls_waiting_for_users_are_capped() -> TestResult {
         })
         .collect();
     let metrics = role.channel().await;
-    eventually(Duration::from_secs(10), "both calls wait for their users", || {
+    let waiters = |expected: i64| {
         let metrics = metrics.clone();
-        async move {
-            let waiting = crate::support::metric(metrics, msys::order::service::WAITERS_GAUGE).await;
-            (waiting == 2).then_some(())
-        }
-    })
-    .await;
+        // Only a bound for a failure to be reported: nothing here races a clock.
+        eventually(Duration::from_secs(120), "the waiting calls are counted", move || {
+            let metrics = metrics.clone();
+            async move {
+                let waiting = crate::support::metric(metrics, msys::order::service::WAITERS_GAUGE).await;
+                (waiting == expected).then_some(())
+            }
+        })
+    };
+    waiters(2).await;
     let refused = orders.clone().create_order(order(600)).await.expect_err("a third waiter is refused");
     assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
     assert!(refused.message().contains("ORDER_MAX_USER_WAITERS"), "{refused:?}");
+    for call in &waiting {
+        assert!(!call.is_finished(), "the two waiters still wait");
+    }
+    // A caller who gives up frees its place.
     for call in waiting {
         call.abort();
     }
+    waiters(0).await;
     role.stop().await;
     Ok(())
 }
