@@ -296,6 +296,43 @@ fn every_role_has_probes_and_limits() {
     }
 }
 
+/// Issue 17 point 2: a terminating pod keeps serving while endpoints drop
+/// it (the preStop pause, then MSYS_DRAIN_DELAY with health NOT_SERVING),
+/// then drains in-flight calls (MSYS_SHUTDOWN_GRACE), all before Kubernetes
+/// sends SIGKILL at the end of the termination grace period.
+#[test]
+fn every_role_pauses_before_stopping_and_drains_within_its_termination_grace() {
+    let seconds = |value: &str| -> u64 {
+        humantime::parse_duration(value).unwrap_or_else(|e| panic!("{value:?} is a duration: {e}")).as_secs()
+    };
+    let defaults = documented_variables();
+    for dir in kustomizations() {
+        let docs = rendered(&dir);
+        let config = config_map(&docs, "msys-config");
+        let setting = |name: &str| seconds(config.get(name).or_else(|| defaults.get(name)).expect(name));
+        let (drain, grace) = (setting("MSYS_DRAIN_DELAY"), setting("MSYS_SHUTDOWN_GRACE"));
+        assert!(drain > 0, "{}: MSYS_DRAIN_DELAY is set for Kubernetes", dir.display());
+        for (role, deployment) in role_deployments(&docs) {
+            let pod = &deployment["spec"]["template"]["spec"];
+            let command: Vec<String> =
+                seq(&pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]).iter().map(text).collect();
+            assert_eq!(
+                command.first().map(String::as_str),
+                Some("sleep"),
+                "{}: {role} pauses in preStop",
+                dir.display()
+            );
+            let pause: u64 = command.get(1).and_then(|n| n.parse().ok()).expect("sleep SECONDS");
+            let budget = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
+            assert!(
+                pause + drain + grace <= budget,
+                "{}: {role}: preStop {pause} s + drain {drain} s + grace {grace} s fit in {budget} s",
+                dir.display()
+            );
+        }
+    }
+}
+
 /// Memory limits in the base are sized from measured RSS, not the seed's 1 GB
 /// for a process that idles at 13 MB.
 #[test]
