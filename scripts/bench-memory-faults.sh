@@ -13,7 +13,9 @@
 # usage: scripts/bench-memory-faults.sh
 # environment:
 #   MSYS_BIN              msys binary to run instead of a cargo release build
-#   MSYS_MEM_RESTARTS     restarts of PostgreSQL under load (default 3)
+#   MSYS_MEM_RESTARTS     restarts of PostgreSQL under load (default 3; 0 is the control run: the
+#                         same load with no fault)
+#   MSYS_MEM_LOAD         seconds of load in step 2 (default 40)
 #   MSYS_MEM_CONCURRENCY  callers of each of CreateUser and GetUser (default 32)
 #   MSYS_MEM_SETTLE       seconds of idle before the last reading (default 30)
 #   MSYS_MEM_BACKTRACE    RUST_BACKTRACE for the role (default 1, as operators often set it and
@@ -24,6 +26,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 RESTARTS=${MSYS_MEM_RESTARTS:-3}
+LOAD_SECONDS=${MSYS_MEM_LOAD:-40}
 CONCURRENCY=${MSYS_MEM_CONCURRENCY:-32}
 SETTLE=${MSYS_MEM_SETTLE:-30}
 BACKTRACE=${MSYS_MEM_BACKTRACE:-1}
@@ -134,8 +137,9 @@ main() {
   log "before the faults: $(detail)"
   peak_before=$(rss_kb VmHWM)
 
-  log "the same load for $((10 * RESTARTS + 10)) s, restarting PostgreSQL $RESTARTS times"
-  start_load $((10 * RESTARTS + 10))
+  log "the same load for $LOAD_SECONDS s, restarting PostgreSQL $RESTARTS times"
+  start_load "$LOAD_SECONDS"
+
   for ((i = 1; i <= RESTARTS; i++)); do
     sleep 8
     restart_postgres
