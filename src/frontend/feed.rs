@@ -228,7 +228,7 @@ impl Feed {
 }
 
 /// A transport error as one readable line (tonic's Display nests sources).
-fn describe(status: &tonic::Status) -> String {
+pub fn describe(status: &tonic::Status) -> String {
     let mut text = format!("{}: {}", status.code().description(), status.message());
     let mut source = std::error::Error::source(status);
     while let Some(cause) = source {

@@ -7,6 +7,7 @@
 pub mod assets;
 pub mod feed;
 pub mod load;
+pub mod load_view;
 pub mod routes;
 pub mod view;
 
@@ -187,6 +188,41 @@ mod tests {
             .expect("answers in time")
             .expect("reads");
         answer
+    }
+
+    async fn post(addr: SocketAddr, path: &str, body: &str) -> String {
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        let mut stream = send(addr, &request).await;
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
+            .await
+            .expect("answers in time")
+            .expect("reads");
+        answer
+    }
+
+    #[tokio::test]
+    async fn without_a_monitor_the_load_panel_says_why_it_cannot_run_a_test() {
+        let (addr, token, running) = start().await;
+        let probe = get(addr, "/api/load").await;
+        assert!(probe.starts_with("HTTP/1.1 200") && probe.contains("\"available\":false"), "{probe}");
+        assert!(probe.contains("the monitor does not answer"), "{probe}");
+        let good = r#"{"scenario":"users","rate":10,"duration":"2s"}"#;
+        let refused = post(addr, "/api/load", good).await;
+        assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+        assert!(refused.contains("the monitor is unreachable"), "{refused}");
+        // The form is checked before the monitor is asked.
+        let bad = post(addr, "/api/load", r#"{"scenario":"users","duration":"2s"}"#).await;
+        assert!(bad.starts_with("HTTP/1.1 400") && bad.contains("give a rate"), "{bad}");
+        let garbled = post(addr, "/api/load", "{not json").await;
+        assert!(garbled.starts_with("HTTP/1.1 400") && garbled.contains("\"error\""), "{garbled}");
+        let cancel = post(addr, "/api/load/cancel", "{}").await;
+        assert!(cancel.starts_with("HTTP/1.1 503"), "{cancel}");
+        token.cancel();
+        running.await.expect("joins").expect("stops cleanly");
     }
 
     #[tokio::test]

@@ -48,8 +48,11 @@ pub struct App {
     streams: Arc<Semaphore>,
     /// Fired at SIGTERM: /healthz starts answering 503 (draining).
     draining: CancellationToken,
-    /// Fired after the drain delay: SSE streams end.
-    stop: CancellationToken,
+    /// Fired after the drain delay: SSE streams end, and so does the
+    /// following of a load test (the run itself goes on in the monitor).
+    pub(super) stop: CancellationToken,
+    /// The load panel's memory (which run is shown, whether a token is needed).
+    pub(super) load: load::Panel,
 }
 
 impl App {
@@ -60,7 +63,14 @@ impl App {
         draining: CancellationToken,
         stop: CancellationToken,
     ) -> Self {
-        App { feed, metrics, streams: Arc::new(Semaphore::new(max_streams)), draining, stop }
+        App {
+            feed,
+            metrics,
+            streams: Arc::new(Semaphore::new(max_streams)),
+            draining,
+            stop,
+            load: load::Panel::default(),
+        }
     }
 }
 

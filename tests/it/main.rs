@@ -2,6 +2,7 @@
 //! broker (started by `scripts/test.sh`). One binary, so the suite links
 //! once and tests share the support module.
 
+mod dashboard_load;
 mod hardening;
 mod least_privilege;
 mod load;
