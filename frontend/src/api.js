@@ -17,7 +17,12 @@ export async function postJSON(url, payload, token) {
   if (token) headers.authorization = `Bearer ${token}`;
   const response = await fetch(url, { method: 'POST', headers, body: JSON.stringify(payload ?? {}) });
   const body = await response.json().catch(() => ({}));
-  if (!response.ok) throw new Error(body.error || `${url}: HTTP ${response.status}`);
+  if (!response.ok) {
+    // The status says what to do next (401: a token is needed, 409: a test is already running).
+    const error = new Error(body.error || `${url}: HTTP ${response.status}`);
+    error.status = response.status;
+    throw error;
+  }
   return body;
 }
 
