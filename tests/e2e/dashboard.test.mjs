@@ -187,6 +187,61 @@ test('the page is readable on a phone-sized screen', { skip }, async () => {
   await page.setViewportSize({ width: 1280, height: 900 });
 });
 
+test('freezing the order role turns its group status away from OK on the page', { skip }, async () => {
+  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 30_000 });
+  stack.freeze('order');
+  const stop = steadyLoad(20);
+  try {
+    await page.waitForFunction(() => {
+      const badge = document.querySelector('#group-status .badge');
+      return badge && badge.dataset.status !== 'OK';
+    }, null, { timeout: 40_000 });
+    const word = await page.getAttribute('#group-status .badge', 'data-status');
+    assert.ok(['LAGGING', 'STALLED', 'STOPPED'].includes(word), `group status ${word}`);
+    await shot('08-order-frozen');
+  } finally {
+    await stop();
+    stack.resume('order');
+  }
+  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 60_000 });
+});
+
+test('a page whose stream was cut fills the gap from the monitor history when it reconnects', { skip }, async () => {
+  await page.selectOption('#window', '60');
+  stack.freeze('frontend');
+  await sleep(8000);
+  stack.resume('frontend');
+  await page.waitForSelector('#connection', { state: 'hidden', timeout: 15_000 });
+  // The monitor kept collecting while the page heard nothing: once history is merged, the last
+  // minute has no hole longer than a couple of collection intervals.
+  await page.waitForFunction(() => Number(document.body.dataset.maxGapMs) > 0 && Number(document.body.dataset.maxGapMs) <= 2500, null, {
+    timeout: 15_000,
+  });
+  await page.selectOption('#window', '300');
+});
+
+test('freezing the monitor makes the page say it is unreachable within 5 s, and resuming it recovers', { skip }, async () => {
+  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 30_000 });
+  stack.freeze('monitor');
+  const frozenAt = Date.now();
+  try {
+    await page.waitForFunction(
+      () => /monitor unreachable — last data \d+ s old/.test(document.querySelector('#connection')?.textContent || ''),
+      null,
+      { timeout: 5000 },
+    );
+    assert.ok(Date.now() - frozenAt <= 5000);
+    await shot('09-monitor-frozen');
+  } finally {
+    stack.resume('monitor');
+  }
+  await page.waitForSelector('#connection', { state: 'hidden', timeout: 15_000 });
+  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 15_000 });
+  await shot('10-monitor-back');
+});
+
+// Last but one: the load test keeps the machine busy for a while, and the tests above judge
+// timings of the system at rest (status windows, history gaps, the 5 s unreachable notice).
 test('a short load test started from the page runs to its report (and the README screenshots are taken under it)', { skip }, async () => {
   const probe = await (await fetch(`${stack.frontendUrl}/api/load`)).json();
   assert.equal(probe.available, true, `load tests are not available: ${probe.reason}`);
@@ -245,7 +300,7 @@ test('a short load test started from the page runs to its report (and the README
   // A few seconds of it on the charts before the picture.
   await sleep(3000);
   await page.evaluate(() => window.scrollTo(0, 0));
-  await shot('06-load-running');
+  await shot('11-load-running');
   if (process.env.MSYS_E2E_README_SCREENSHOT === '1') {
     await page.screenshot({ path: path.join(root, 'frontend/docs/dashboard.png'), fullPage: false });
   }
@@ -258,63 +313,10 @@ test('a short load test started from the page runs to its report (and the README
   assert.equal(verdicts.length, 2, verdicts.join(' | '));
   assert.match(verdicts[0], /errors<1%/);
   assert.equal(await page.isEnabled('#load-start'), true, 'a new run can start');
-  await page.locator('#load').screenshot({ path: path.join(artifacts, '07-load-report.png') });
+  await page.locator('#load').screenshot({ path: path.join(artifacts, '12-load-report.png') });
   if (process.env.MSYS_E2E_README_SCREENSHOT === '1') {
     await page.locator('#load').screenshot({ path: path.join(root, 'frontend/docs/load-panel.png') });
   }
-});
-
-test('freezing the order role turns its group status away from OK on the page', { skip }, async () => {
-  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 30_000 });
-  stack.freeze('order');
-  const stop = steadyLoad(20);
-  try {
-    await page.waitForFunction(() => {
-      const badge = document.querySelector('#group-status .badge');
-      return badge && badge.dataset.status !== 'OK';
-    }, null, { timeout: 40_000 });
-    const word = await page.getAttribute('#group-status .badge', 'data-status');
-    assert.ok(['LAGGING', 'STALLED', 'STOPPED'].includes(word), `group status ${word}`);
-    await shot('08-order-frozen');
-  } finally {
-    await stop();
-    stack.resume('order');
-  }
-  await page.waitForSelector('#group-status [data-status="OK"]', { timeout: 60_000 });
-});
-
-test('a page whose stream was cut fills the gap from the monitor history when it reconnects', { skip }, async () => {
-  await page.selectOption('#window', '60');
-  stack.freeze('frontend');
-  await sleep(8000);
-  stack.resume('frontend');
-  await page.waitForSelector('#connection', { state: 'hidden', timeout: 15_000 });
-  // The monitor kept collecting while the page heard nothing: once history is merged, the last
-  // minute has no hole longer than a couple of collection intervals.
-  await page.waitForFunction(() => Number(document.body.dataset.maxGapMs) > 0 && Number(document.body.dataset.maxGapMs) <= 2500, null, {
-    timeout: 15_000,
-  });
-  await page.selectOption('#window', '300');
-});
-
-test('freezing the monitor makes the page say it is unreachable within 5 s, and resuming it recovers', { skip }, async () => {
-  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 30_000 });
-  stack.freeze('monitor');
-  const frozenAt = Date.now();
-  try {
-    await page.waitForFunction(
-      () => /monitor unreachable — last data \d+ s old/.test(document.querySelector('#connection')?.textContent || ''),
-      null,
-      { timeout: 5000 },
-    );
-    assert.ok(Date.now() - frozenAt <= 5000);
-    await shot('09-monitor-frozen');
-  } finally {
-    stack.resume('monitor');
-  }
-  await page.waitForSelector('#connection', { state: 'hidden', timeout: 15_000 });
-  await page.waitForSelector('#health[data-overall="ok"]', { timeout: 15_000 });
-  await shot('10-monitor-back');
 });
 
 test('no request left 127.0.0.1 and the console stayed free of errors', { skip }, () => {
