@@ -132,7 +132,7 @@ impl Page {
     }
 
     /// Reads load frames until one matches, within `timeout`.
-    async fn load_until(&mut self, timeout: Duration, what: &str, matches: impl Fn(&Value) -> bool) -> Value {
+    async fn load_until(&mut self, timeout: Duration, what: &str, mut matches: impl FnMut(&Value) -> bool) -> Value {
         let wait = async {
             loop {
                 let frame = self.next_load().await;
@@ -200,8 +200,7 @@ async fn the_panel_forwards_the_token_and_maps_the_monitors_refusals_to_http_sta
     assert_eq!((status, body["cancelled"].as_bool()), (200, Some(true)), "{body}");
     let last = page.load_until(Duration::from_secs(5), "the run ended", |f| f["state"] != "running").await;
     assert_eq!(last["state"], "cancelled", "{last}");
-    assert_eq!(last["report"]["cancelled"], true);
-    assert!(last["report"]["latency_ms"]["p99"].is_number(), "{last}");
+    assert_eq!(last["report"]["cancelled"], true, "{last}");
 
     // A page opened now sees the last run's report at once.
     let mut later = dashboard.page().await;
@@ -227,7 +226,7 @@ async fn a_run_started_elsewhere_shows_on_the_page_with_its_report_and_threshold
     let request = pb::RunLoadTestRequest {
         scenario: "health".into(),
         rate: 20.0,
-        duration_seconds: 3.0,
+        duration_seconds: 5.0,
         thresholds: vec!["errors<1%".into(), "p99<1ms".into()],
         ..Default::default()
     };
@@ -239,9 +238,14 @@ async fn a_run_started_elsewhere_shows_on_the_page_with_its_report_and_threshold
     assert_eq!(probe["token_required"].as_bool(), Some(false), "{probe}");
     assert_eq!(probe["current"]["state"], "running", "the page is told about the run under way: {probe}");
 
-    let progress = page.load_until(Duration::from_secs(5), "the run is followed", |f| f["state"] == "running").await;
-    assert!(progress["elapsed_s"].as_f64() > Some(0.0), "{progress}");
-    let last = page.load_until(Duration::from_secs(10), "the run ended", |f| f["state"] != "running").await;
+    let mut followed = Vec::new();
+    let last = page
+        .load_until(Duration::from_secs(15), "the run ended", |f| {
+            followed.push(f["elapsed_s"].as_f64());
+            f["state"] != "running"
+        })
+        .await;
+    assert!(followed.iter().any(|e| *e > Some(1.5)), "the page saw the run progress: {followed:?}");
     assert_eq!(last["state"], "failed", "p99<1ms cannot pass: {last}");
     let verdicts: Vec<(&str, bool)> = last["report"]["thresholds"]
         .as_array()
@@ -250,7 +254,7 @@ async fn a_run_started_elsewhere_shows_on_the_page_with_its_report_and_threshold
         .map(|t| (t["threshold"].as_str().unwrap_or_default(), t["passed"].as_bool().unwrap_or_default()))
         .collect();
     assert_eq!(verdicts, vec![("errors<1%", true), ("p99<1ms", false)]);
-    assert_eq!(last["requests"].as_u64(), Some(60), "{last}");
+    assert_eq!(last["requests"].as_u64(), Some(100), "{last}");
 
     dashboard.stop().await;
     monitor.stop().await;
