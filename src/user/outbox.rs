@@ -38,7 +38,7 @@ use rdkafka::{
     producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, future_producer::OwnedDeliveryResult},
 };
 use tokio::sync::Notify;
-use tokio_postgres::IsolationLevel;
+use tokio_postgres::{IsolationLevel, SimpleQueryMessage};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -141,15 +141,21 @@ impl Relay {
     pub async fn relay_once(&mut self) -> anyhow::Result<RelayOutcome> {
         let mut client = self.pool.get().await.context("connecting to the users database")?;
         let tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).start().await?;
-        let leader: bool = tx.query_one("SELECT pg_try_advisory_xact_lock($1)", &[&RELAY_LOCK]).await?.try_get(0)?;
+        // The timeout first, in the same round trip: a leader frozen right
+        // after winning the lock must already be bounded by it, or it would
+        // hold the lock for as long as it stays frozen.
+        let elect = format!(
+            "SET LOCAL idle_in_transaction_session_timeout = {}; SELECT pg_try_advisory_xact_lock({RELAY_LOCK})",
+            LEADER_IDLE_TIMEOUT.as_millis()
+        );
+        let leader = tx
+            .simple_query(&elect)
+            .await?
+            .iter()
+            .any(|message| matches!(message, SimpleQueryMessage::Row(row) if row.get(0) == Some("t")));
         if !leader {
             return Ok(RelayOutcome::NotLeader);
         }
-        tx.batch_execute(&format!(
-            "SET LOCAL idle_in_transaction_session_timeout = {}",
-            LEADER_IDLE_TIMEOUT.as_millis()
-        ))
-        .await?;
         let mut in_flight = VecDeque::new();
         let mut blocked_users = HashSet::new();
         let (mut cursor, mut chunks, mut reading) = (0_i64, 0, true);

@@ -4,7 +4,10 @@
 
 use std::{collections::HashSet, time::Duration};
 
-use msys::pb::{self, user_service_client::UserServiceClient};
+use msys::{
+    config::PostgresSettings,
+    pb::{self, user_service_client::UserServiceClient},
+};
 use prost::Message as _;
 use rdkafka::Message;
 use tokio_util::sync::CancellationToken;
@@ -40,21 +43,49 @@ fn signal(pid: u32, name: &str) {
     assert!(status.is_ok_and(|s| s.success()), "kill -{name} {pid}");
 }
 
-/// Freezes whichever of `pids` holds the relay lock, caught in the middle
-/// of a pass (it still holds the lock once stopped); returns its pid.
-async fn freeze_the_leader_mid_pass(observer: &tokio_postgres::Client, pids: &[u32]) -> u32 {
-    for _ in 0..200 {
-        if let Some(pid) = lock_holder(observer).await.filter(|pid| pids.contains(pid)) {
-            signal(pid, "STOP");
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            if lock_holder(observer).await == Some(pid) {
-                return pid;
-            }
-            signal(pid, "CONT");
+/// Whether a session of msys process `pid` waits on a row or table lock.
+async fn waits_on_a_lock(client: &tokio_postgres::Client, pid: u32) -> bool {
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1 AND wait_event_type = 'Lock'",
+            &[&format!("msys-{pid}")],
+        )
+        .await;
+    row.is_ok_and(|r| r.get::<_, i64>(0) > 0)
+}
+
+/// Stops whichever of `pids` leads the relay with `signal`, caught in the
+/// middle of a pass, and returns its pid. Not a race against the pass: the
+/// test locks rows still to be published, so the leader's pass, which must
+/// stamp them before it ends, waits for them; only once it waits is the
+/// leader stopped, then the rows are released. Stopped (STOP) or killed
+/// (KILL), the leader can no longer end its pass itself.
+async fn catch_the_leader_mid_pass(
+    db: &PostgresSettings,
+    observer: &tokio_postgres::Client,
+    pids: &[u32],
+    how: &str,
+) -> u32 {
+    let mut blocker = sql(db).await;
+    let rows = blocker.transaction().await.expect("begin");
+    let mut held = 0;
+    for _ in 0..600 {
+        let locked = rows.query("SELECT id FROM user_outbox WHERE published_at IS NULL FOR UPDATE", &[]).await;
+        held = locked.expect("lock the unpublished rows").len();
+        if held > 0 {
+            break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("never caught a leader holding the relay lock");
+    assert!(held > 0, "the writers left no unpublished row to hold in 600 tries");
+    let leader = eventually(Duration::from_secs(30), "the relay leader waits on the held rows", || async {
+        let holder = lock_holder(observer).await.filter(|pid| pids.contains(pid))?;
+        waits_on_a_lock(observer, holder).await.then_some(holder)
+    })
+    .await;
+    signal(leader, how);
+    rows.rollback().await.expect("release the rows");
+    leader
 }
 
 /// Creates users through `clients` until `stop`; returns how many were acknowledged.
@@ -111,7 +142,7 @@ async fn a_frozen_or_killed_relay_leader_hands_over_within_seconds_and_every_eve
     // Frozen: the leader stops mid-pass and keeps its session.
     let stop = CancellationToken::new();
     let load = writers(vec![client_a.clone(), client_b.clone(), client_a.clone(), client_b.clone()], &stop);
-    let frozen = freeze_the_leader_mid_pass(&observer, &pids).await;
+    let frozen = catch_the_leader_mid_pass(&db, &observer, &pids, "STOP").await;
     let survivor = if frozen == pids[0] { client_b.clone() } else { client_a.clone() };
     let frozen_at = std::time::Instant::now();
     stop.cancel();
@@ -137,8 +168,7 @@ async fn a_frozen_or_killed_relay_leader_hands_over_within_seconds_and_every_eve
     // Killed: the leader vanishes mid-pass.
     let stop = CancellationToken::new();
     let load = writers(vec![client_a.clone(), client_b.clone(), client_a.clone(), client_b.clone()], &stop);
-    let killed = freeze_the_leader_mid_pass(&observer, &pids).await;
-    signal(killed, "KILL");
+    let killed = catch_the_leader_mid_pass(&db, &observer, &pids, "KILL").await;
     let killed_at = std::time::Instant::now();
     stop.cancel();
     for task in load {
