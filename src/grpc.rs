@@ -2,18 +2,19 @@
 //! reflection and metrics, behind the metrics layer, with a graceful drain
 //! bounded by a deadline. Also the small health client behind `msys health`.
 
-use std::{net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, pin::Pin, time::Duration};
 
 use anyhow::Context;
 use futures::future::Either;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tonic::Code;
 use tonic::{
     service::Routes,
     transport::{Endpoint, Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::HealthReporter};
-use tracing::{Instrument, instrument::Instrumented};
+use tracing::{Instrument, Span, instrument::Instrumented};
 
 use crate::{
     metrics::{MetricsLayer, Registry},
@@ -86,8 +87,10 @@ pub async fn serve_limited(
 }
 
 /// Puts each call in a server span that continues the caller's W3C trace
-/// context (`traceparent` metadata), when traces are on; otherwise it only
-/// passes the call through (one relaxed load per call, no span, no box).
+/// context (`traceparent` metadata), when traces are on. With traces off a
+/// call that brought a `traceparent` still gets the span, so that its log
+/// lines carry the caller's trace id; any other call passes through (one
+/// relaxed load and one header lookup per call, no span, no box).
 #[derive(Clone, Copy)]
 struct TraceLayer;
 
@@ -104,25 +107,67 @@ struct Traced<S> {
     inner: S,
 }
 
-impl<S, B> tower::Service<http::Request<B>> for Traced<S>
+impl<S, B, RB> tower::Service<http::Request<B>> for Traced<S>
 where
-    S: tower::Service<http::Request<B>>,
+    S: tower::Service<http::Request<B>, Response = http::Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<S::Future, Instrumented<S::Future>>;
+    type Future = Either<S::Future, TracedCall<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        if !telemetry::traces_enabled() {
+        if !telemetry::traces_enabled() && !request.headers().contains_key(trace::TRACEPARENT) {
             return Either::Left(self.inner.call(request));
         }
         let span = trace::server_span(request.uri().path(), request.headers());
         let future = span.in_scope(|| self.inner.call(request));
-        Either::Right(future.instrument(span))
+        Either::Right(TracedCall { call: future.instrument(span.clone()), span })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call inside its server span, which records the call's gRPC status
+    /// when it is answered (OTel RPC conventions: `rpc.grpc.status_code`,
+    /// and an error status for the codes that mean the server failed).
+    struct TracedCall<F> {
+        #[pin]
+        call: Instrumented<F>,
+        span: Span,
+    }
+}
+
+impl<F, RB, E> Future for TracedCall<F>
+where
+    F: Future<Output = Result<http::Response<RB>, E>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let output = std::task::ready!(this.call.poll(cx));
+        // As in the metrics layer: a failed call is answered trailers-only,
+        // with grpc-status in the headers; an OK unary one has it in trailers.
+        let code = match &output {
+            Ok(response) => response.headers().get("grpc-status").map_or(Code::Ok, |s| Code::from_bytes(s.as_bytes())),
+            Err(_) => Code::Unknown,
+        };
+        this.span.record("rpc.grpc.status_code", code as i64);
+        if matches!(
+            code,
+            Code::Unknown
+                | Code::DeadlineExceeded
+                | Code::Unimplemented
+                | Code::Internal
+                | Code::Unavailable
+                | Code::DataLoss
+        ) {
+            this.span.record("otel.status_code", "error");
+        }
+        std::task::Poll::Ready(output)
     }
 }
 

@@ -7,6 +7,10 @@
 //! `msys-<role>`). Unset, no OpenTelemetry layer is installed at all and the
 //! code that makes spans for traces skips them (see `trace`), so nothing is
 //! exported and nothing is paid.
+//!
+//! Logs and traces join on `trace_id`: every log line emitted inside a span
+//! that belongs to a trace carries it, as a top-level JSON field or a
+//! trailing `trace_id=` in text (see `WithTraceId` and `trace::join_logs`).
 
 use std::{
     io::IsTerminal,
@@ -17,7 +21,15 @@ use std::{
 use clap::ValueEnum;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::{Resource, trace::SdkTracerProvider};
-use tracing_subscriber::{EnvFilter, Layer, Registry, fmt, prelude::*};
+use tracing::{Event, Subscriber};
+use tracing_subscriber::{
+    EnvFilter, Layer, Registry,
+    fmt::{self, FmtContext, FormatEvent, FormatFields, format::Writer},
+    prelude::*,
+    registry::LookupSpan,
+};
+
+use crate::trace::LogTraceId;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
@@ -93,8 +105,20 @@ pub fn init(format: LogFormat, role: &str) -> Telemetry {
         .as_ref()
         .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("msys")).with_tracked_inactivity(false));
     let logs: Box<dyn Layer<Registry> + Send + Sync> = match format {
-        LogFormat::Text => fmt::layer().with_ansi(std::io::stderr().is_terminal()).with_writer(std::io::stderr).boxed(),
-        LogFormat::Json => fmt::layer().json().flatten_event(true).with_writer(std::io::stderr).boxed(),
+        LogFormat::Text => {
+            let ansi = std::io::stderr().is_terminal();
+            fmt::layer()
+                .with_ansi(ansi)
+                .map_event_format(|f| WithTraceId { inner: f.with_ansi(ansi), json: false })
+                .with_writer(std::io::stderr)
+                .boxed()
+        }
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .map_event_format(|f| WithTraceId { inner: f, json: true })
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let installed = tracing_subscriber::registry().with(logs).with(otel).with(filter).try_init().is_ok();
     // Err only means a subscriber is already installed.
@@ -103,4 +127,41 @@ pub fn init(format: LogFormat, role: &str) -> Telemetry {
         tracing::info!("exporting traces over OTLP");
     }
     Telemetry { provider: if installed { provider } else { None } }
+}
+
+/// The event format, plus the trace id of the innermost span in the event's
+/// scope that has one (`trace::join_logs` marks the spans that start or
+/// continue a trace; their children inherit it through the scope). Lines
+/// outside any trace are formatted as they are, without a copy.
+struct WithTraceId<F> {
+    inner: F,
+    json: bool,
+}
+
+impl<S, N, F> FormatEvent<S, N> for WithTraceId<F>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+    F: FormatEvent<S, N>,
+{
+    fn format_event(&self, ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> std::fmt::Result {
+        let trace_id = ctx
+            .event_scope()
+            .and_then(|mut scope| scope.find_map(|span| span.extensions().get::<LogTraceId>().copied()));
+        let Some(LogTraceId(trace_id)) = trace_id else {
+            return self.inner.format_event(ctx, writer, event);
+        };
+        // The inner format ends the line (and, in JSON, the object): format
+        // it aside and add the field before the end. A text format that
+        // colours its output was told so itself (`Format::with_ansi`), since
+        // this buffer's writer cannot be.
+        let mut line = String::with_capacity(256);
+        self.inner.format_event(ctx, Writer::new(&mut line), event)?;
+        let body = line.trim_end_matches('\n');
+        match body.strip_suffix('}') {
+            Some(open) if self.json => writeln!(writer, "{open},\"trace_id\":\"{trace_id}\"}}"),
+            _ if self.json => writer.write_str(&line),
+            _ => writeln!(writer, "{body} trace_id={trace_id}"),
+        }
+    }
 }

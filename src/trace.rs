@@ -3,20 +3,26 @@
 //! change), the Kafka record as the CloudEvents distributed-tracing extension
 //! (`ce_traceparent`, `ce_tracestate`), and the order role's consumer span.
 //!
-//! With traces off (no `OTEL_EXPORTER_OTLP_ENDPOINT`) no span is made here
-//! and the caller's context is passed through unchanged, so a trace that
-//! started upstream still joins its downstream parts; with traces on, what
-//! travels is the context of msys's own span, a child of the caller's.
+//! With traces off (no `OTEL_EXPORTER_OTLP_ENDPOINT`) the caller's context
+//! is passed through unchanged, so a trace that started upstream still joins
+//! its downstream parts; with traces on, what travels is the context of
+//! msys's own span, a child of the caller's.
+//!
+//! Logs join traces either way: the spans made here carry their trace id to
+//! the log formatter (`join_logs`), so every line logged inside them has it.
+//! With traces off such a span is made only for a call or record that came
+//! with a trace context: the untraced path makes no span and pays nothing.
 
 use opentelemetry::{
     Context,
     propagation::{Extractor, Injector, TextMapPropagator},
-    trace::TraceContextExt,
+    trace::{TraceContextExt, TraceId},
 };
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use rdkafka::message::Message;
 use tracing::{Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{Registry, registry::LookupSpan};
 
 use crate::telemetry;
 
@@ -148,15 +154,34 @@ impl Injector for Carrier {
     }
 }
 
-/// Records the span's trace id in its `trace_id` field, so every log line
-/// inside it carries the id and logs join traces.
-fn record_trace_id(span: &Span) {
-    let trace_id = span.context().span().span_context().trace_id();
-    span.record("trace_id", tracing::field::display(trace_id));
+/// The trace a span belongs to, kept in its registry extensions for the log
+/// formatter (`telemetry::WithTraceId`), which adds it to every line logged
+/// inside the span or its children.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogTraceId(pub TraceId);
+
+/// Marks `span` with its trace id so the log lines inside it carry it: the
+/// OpenTelemetry span's own with traces on, else the one `parent` names.
+/// A span that is disabled (filtered out) or has no trace is left alone.
+fn join_logs(span: &Span, parent: &TraceContext) {
+    let trace_id = if telemetry::traces_enabled() {
+        span.context().span().span_context().trace_id()
+    } else {
+        parent.trace_id().and_then(|hex| TraceId::from_hex(hex).ok()).unwrap_or(TraceId::INVALID)
+    };
+    if trace_id == TraceId::INVALID {
+        return;
+    }
+    span.with_subscriber(|(id, dispatch)| {
+        if let Some(span) = dispatch.downcast_ref::<Registry>().and_then(|registry| registry.span(id)) {
+            span.extensions_mut().replace(LogTraceId(trace_id));
+        }
+    });
 }
 
 /// The server span of one gRPC call, child of the caller's context if it
-/// sent one (OTel RPC conventions). Only made when traces are on.
+/// sent one (OTel RPC conventions). Made when traces are on, or when the
+/// caller sent a `traceparent` (then only for its logs).
 pub fn server_span(path: &str, headers: &http::HeaderMap) -> Span {
     let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("unknown", path));
     let span = tracing::info_span!(
@@ -168,21 +193,22 @@ pub fn server_span(path: &str, headers: &http::HeaderMap) -> Span {
         rpc.method = %method,
         rpc.grpc.status_code = Empty,
         otel.status_code = Empty,
-        trace_id = Empty,
     );
     let parent = TraceContext::from_headers(headers);
     if parent.traceparent.is_some() {
         let _ = span.set_parent(parent.parent());
     }
-    record_trace_id(&span);
+    join_logs(&span, &parent);
     span
 }
 
 /// The producer span of one outbox record sent to `topic`, child of the
 /// context stored with the row; the record carries the span's context.
-/// With traces off: no span, and the stored context goes out unchanged.
+/// With traces off the stored context goes out unchanged, and a span (for
+/// the logs only) is made only if the row has one.
 pub fn producer(topic: &str, key: &str, event_id: &str, stored: &TraceContext) -> (TraceContext, Option<Span>) {
-    if !telemetry::traces_enabled() {
+    let traces = telemetry::traces_enabled();
+    if !traces && stored.traceparent.is_none() {
         return (stored.clone(), None);
     }
     let span = tracing::info_span!(
@@ -194,25 +220,33 @@ pub fn producer(topic: &str, key: &str, event_id: &str, stored: &TraceContext) -
         messaging.destination.name = %topic,
         messaging.kafka.message.key = %key,
         messaging.message.id = %event_id,
-        trace_id = Empty,
     );
     if stored.traceparent.is_some() {
         let _ = span.set_parent(stored.parent());
     }
-    record_trace_id(&span);
-    (TraceContext::of(&span), Some(span))
+    join_logs(&span, stored);
+    let context = if traces { TraceContext::of(&span) } else { stored.clone() };
+    (context, Some(span))
 }
 
 /// A consumer span for each record of a batch the order role applies,
 /// continuing the record's `ce_traceparent` (OTel messaging conventions).
-/// They end when dropped, after the batch committed. Empty with traces off.
+/// They end when dropped, after the batch committed. With traces off, only
+/// records that carry a context get one (for their logs; the others get
+/// `Span::none()`), and a batch without any gets an empty vector.
 pub fn consumer_spans<M: Message>(batch: &[M]) -> Vec<Span> {
-    if !telemetry::traces_enabled() {
+    let traces = telemetry::traces_enabled();
+    let traced = |message: &M| crate::events::header(message, CE_TRACEPARENT).ok().flatten().is_some();
+    if !traces && !batch.iter().any(traced) {
         return Vec::new();
     }
     batch
         .iter()
         .map(|message| {
+            let parent = TraceContext::from_record(message);
+            if !traces && parent.traceparent.is_none() {
+                return Span::none();
+            }
             let span = tracing::info_span!(
                 "process",
                 otel.name = %format!("process {}", message.topic()),
@@ -223,13 +257,11 @@ pub fn consumer_spans<M: Message>(batch: &[M]) -> Vec<Span> {
                 messaging.destination.partition.id = %message.partition(),
                 messaging.kafka.offset = message.offset(),
                 messaging.message.id = crate::events::header(message, "ce_id").ok().flatten().unwrap_or_default(),
-                trace_id = Empty,
             );
-            let parent = TraceContext::from_record(message);
             if parent.traceparent.is_some() {
                 let _ = span.set_parent(parent.parent());
             }
-            record_trace_id(&span);
+            join_logs(&span, &parent);
             span
         })
         .collect()

@@ -34,6 +34,7 @@ use rdkafka::{
 };
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, Span};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::{
@@ -178,8 +179,9 @@ impl Worker {
 
     async fn handle(&self, partition: i32, batch: &[OwnedMessage], shutdown: &CancellationToken) -> Done {
         let Some(last) = batch.last() else { return Done::Complete };
-        // A consumer span per record (traces on), ended when this returns.
+        // A consumer span per record (traces on, or the record is traced), ended when this returns.
         let spans = trace::consumer_spans(batch);
+        let span_of = |index: usize| spans.get(index).cloned().unwrap_or_else(Span::none);
         let generation = self.shared.generation.load(Ordering::SeqCst);
         self.shared.set_position(partition, batch[0].offset(), true);
         self.metrics.observe("apply_batch_size", batch.len() as f64);
@@ -203,8 +205,15 @@ impl Worker {
         poison.extend(rejected.into_iter().map(|(i, why)| (sources[i], why)));
         poison.sort_by_key(|(index, _)| *index);
         for (index, why) in &poison {
-            if !self.dead_letter_retrying(&batch[*index], why, generation, shutdown).await {
+            let dead_letter = self.dead_letter_retrying(&batch[*index], why, generation, shutdown);
+            if !dead_letter.instrument(span_of(*index)).await {
                 return Done::GaveUp;
+            }
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (index, message) in batch.iter().enumerate().filter(|(i, _)| !poison.iter().any(|(p, _)| p == i)) {
+                let _inside = span_of(index).entered();
+                tracing::debug!(partition, offset = message.offset(), "applied user event");
             }
         }
         if let Err(error) = self.consumer.store_offset(&self.topic, partition, last.offset()) {

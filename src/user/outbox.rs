@@ -215,8 +215,11 @@ impl Relay {
         let topic = &self.kafka.user_events_topic;
         for row in pending {
             let record = events::encode(&row.event);
-            // With traces on, a producer span per record, the record carrying its context.
-            let (trace, _span) = trace::producer(topic, &record.key, &row.event.event_id, &row.trace);
+            // With traces on, a producer span per record, the record carrying its context;
+            // with traces off, a span only for a traced row, so its log lines name its trace.
+            let (trace, span) = trace::producer(topic, &record.key, &row.event.event_id, &row.trace);
+            let _inside = span.as_ref().map(tracing::Span::enter);
+            tracing::debug!(event.id = %row.event.event_id, user.id = row.user_id, "publishing user event");
             let record = record.with_trace(&trace);
             let size = record.key.len()
                 + record.payload.len()

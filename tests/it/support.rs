@@ -258,6 +258,18 @@ pub fn spawn_role(
     kafka: &KafkaArgs,
     extra: &[(&str, &str)],
 ) -> tokio::process::Child {
+    role_command(role, port, db, kafka, extra).spawn().expect("spawn msys")
+}
+
+/// The command `spawn_role` runs (output discarded), for a test that wants
+/// to change it first, e.g. to read the role's logs.
+pub fn role_command(
+    role: &str,
+    port: u16,
+    db: &PostgresSettings,
+    kafka: &KafkaArgs,
+    extra: &[(&str, &str)],
+) -> tokio::process::Command {
     let prefix = if role == "user" { "USER_POSTGRES" } else { "ORDER_POSTGRES" };
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_msys"));
     command
@@ -274,7 +286,7 @@ pub fn spawn_role(
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true);
-    command.spawn().expect("spawn msys")
+    command
 }
 
 pub async fn wait_for_outbox_drain(db: &PostgresSettings) {

@@ -1,17 +1,23 @@
 //! One trace from the gRPC call through the outbox and Kafka into the order
 //! replica: the caller's W3C `traceparent` is stored with the outbox row,
 //! published as `ce_traceparent`, and continued by the order role's consumer
-//! span, which reaches an OTLP receiver the test runs.
+//! span, which reaches an OTLP receiver the test runs. The roles' log lines
+//! along the way carry the same `trace_id`, so logs and traces join, with or
+//! without a collector.
 
 use std::{
     net::SocketAddr,
+    process::Stdio,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use msys::pb::{
-    self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
-    user_service_client::UserServiceClient,
+use msys::{
+    config::{KafkaArgs, PostgresSettings},
+    pb::{
+        self, metrics_service_client::MetricsServiceClient, order_service_client::OrderServiceClient,
+        user_service_client::UserServiceClient,
+    },
 };
 use opentelemetry_proto::tonic::{
     collector::trace::v1::{
@@ -21,11 +27,13 @@ use opentelemetry_proto::tonic::{
     common::v1::any_value::Value,
     trace::v1::span::SpanKind,
 };
-use rdkafka::Message;
+use rdkafka::{Message, message::OwnedMessage};
+use serde_json::{Value as Json, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::support::{
-    TestResult, UsersSide, eventually, free_port, header, read_all, spawn_role, unique, wait_for_outbox_drain,
+    TestResult, UsersSide, eventually, free_port, header, read_all, role_command, unique, wait_for_outbox_drain,
 };
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -187,14 +195,11 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
         ("ORDER_CONSUMER_GROUP", group.as_str()),
     ];
     let (user_port, order_port) = (free_port(), free_port());
-    let mut user = spawn_role("user", user_port, &users_db, &kafka, &otel);
+    let (mut user, user_logs) = spawn_logging("user", user_port, &users_db, &kafka, &otel);
     // A CreateOrder below waits for its user: long enough for a loaded machine.
     let order_env = [otel.as_slice(), &[("ORDER_USER_WAIT", "60s")]].concat();
-    let mut order = spawn_role("order", order_port, &orders_db, &kafka, &order_env);
-    let mut users = eventually(Duration::from_secs(30), "msys user accepts connections", || async move {
-        UserServiceClient::connect(format!("http://127.0.0.1:{user_port}")).await.ok()
-    })
-    .await;
+    let (mut order, order_logs) = spawn_logging("order", order_port, &orders_db, &kafka, &order_env);
+    let mut users = connect(user_port).await;
 
     let created = users.create_user(create_request("ada@example.org")).await?.into_inner();
     wait_for_outbox_drain(&users_db).await;
@@ -209,6 +214,7 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
     .await;
     assert_eq!(server.parent_span_id, CALLER_SPAN, "the server span is the caller's child");
     assert_eq!(attribute(&server, "rpc.method"), Some("CreateUser"));
+    assert_eq!(attribute(&server, "rpc.grpc.status_code"), Some("0"), "the span records the call's gRPC status");
     let producer = eventually(Duration::from_secs(30), "the relay exports its producer span", || async {
         receiver.find("msys-user", SpanKind::Producer)
     })
@@ -230,6 +236,12 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
     );
     assert_eq!(attribute(&consumer, "messaging.kafka.offset"), Some(records[0].offset().to_string().as_str()));
     assert_eq!(consumer.name, format!("process {}", kafka.user_events_topic));
+
+    let lines = Lines { user: &user_logs, order: &order_logs, user_id: created.id, record: &records[0] };
+    for (role, message) in ALONG_THE_WAY {
+        let trace_id = lines.trace_id_of(role, message).await;
+        assert_eq!(trace_id.as_deref(), Some(TRACE_ID), "{role}'s {message:?} line carries the caller's trace id");
+    }
 
     // A CreateOrder that waits for a user created after it links, in its own
     // trace, to the consumer span of the apply that brought the user.
@@ -271,4 +283,122 @@ async fn create_user_with_a_traceparent_is_one_trace_from_the_call_to_the_order_
     order.wait().await?;
     stop.cancel();
     Ok(())
+}
+
+#[tokio::test]
+async fn without_a_collector_log_lines_still_carry_the_callers_trace_id() -> TestResult {
+    let UsersSide { users_db, orders_db, kafka, user } = UsersSide::start().await;
+    user.stop().await; // both roles run as processes, so that the test reads their logs
+    let group = unique("order-service");
+    let env = [("OUTBOX_POLL_INTERVAL", "100ms"), ("ORDER_CONSUMER_GROUP", group.as_str())];
+    let user_port = free_port();
+    let (mut user, user_logs) = spawn_logging("user", user_port, &users_db, &kafka, &env);
+    let (mut order, order_logs) = spawn_logging("order", free_port(), &orders_db, &kafka, &env);
+    let mut users = connect(user_port).await;
+
+    let ada = users.create_user(create_request("ada@example.org")).await?.into_inner();
+    let plain = pb::CreateUserRequest { name: "Bob".into(), email: "bob@example.org".into() };
+    let bob = users.create_user(plain).await?.into_inner();
+    wait_for_outbox_drain(&users_db).await;
+    let records = read_all(&kafka).await;
+    let record_of = |user_id: i64| {
+        records.iter().find(|r| r.key() == Some(user_id.to_string().as_bytes())).expect("each create is published")
+    };
+
+    let ada = Lines { user: &user_logs, order: &order_logs, user_id: ada.id, record: record_of(ada.id) };
+    let bob = Lines { user: &user_logs, order: &order_logs, user_id: bob.id, record: record_of(bob.id) };
+    for (role, message) in ALONG_THE_WAY {
+        let trace_id = ada.trace_id_of(role, message).await;
+        assert_eq!(trace_id.as_deref(), Some(TRACE_ID), "{role}'s {message:?} line carries the caller's trace id");
+        let none = bob.trace_id_of(role, message).await;
+        assert_eq!(none, None, "{role}'s {message:?} line of a call without a traceparent has no trace id");
+    }
+
+    user.start_kill()?;
+    order.start_kill()?;
+    user.wait().await?;
+    order.wait().await?;
+    Ok(())
+}
+
+/// The filter the log tests run the roles with: the relay's and the
+/// replica's per-record lines are at debug level.
+const LOG_FILTER: &str = "info,msys::user::outbox=debug,msys::order::partition=debug";
+
+/// A role as a process logging JSON at `LOG_FILTER`, and its log lines.
+fn spawn_logging(
+    role: &str,
+    port: u16,
+    db: &PostgresSettings,
+    kafka: &KafkaArgs,
+    extra: &[(&str, &str)],
+) -> (tokio::process::Child, Logs) {
+    let mut child = role_command(role, port, db, kafka, extra)
+        .env("MSYS_LOG_FORMAT", "json")
+        .env("RUST_LOG", LOG_FILTER)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn msys");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let logs = Logs::default();
+    let sink = logs.clone();
+    tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            let value = serde_json::from_str(&line).unwrap_or_else(|_| panic!("a log line that is not JSON: {line}"));
+            sink.0.lock().expect("logs lock").push(value);
+        }
+    });
+    (child, logs)
+}
+
+async fn connect(port: u16) -> UserServiceClient<tonic::transport::Channel> {
+    eventually(Duration::from_secs(30), "msys user accepts connections", || async move {
+        UserServiceClient::connect(format!("http://127.0.0.1:{port}")).await.ok()
+    })
+    .await
+}
+
+/// A role's JSON log lines, as they arrive.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<Json>>>);
+
+impl Logs {
+    fn find(&self, message: &str, fields: &Json) -> Option<Json> {
+        let lines = self.0.lock().expect("logs lock");
+        let matches = |line: &&Json| {
+            line["message"] == message
+                && fields.as_object().is_some_and(|wanted| wanted.iter().all(|(k, v)| &line[k] == v))
+        };
+        lines.iter().find(matches).cloned()
+    }
+}
+
+/// The log lines one created user leaves on its way through the system
+/// (role, message): the user service's handler, the relay's publish, the
+/// replica's apply.
+const ALONG_THE_WAY: [(&str, &str); 3] =
+    [("user", "created user"), ("user", "publishing user event"), ("order", "applied user event")];
+
+/// Where to find one created user's lines.
+struct Lines<'a> {
+    user: &'a Logs,
+    order: &'a Logs,
+    user_id: i64,
+    record: &'a OwnedMessage,
+}
+
+impl Lines<'_> {
+    /// Waits for the line and returns its `trace_id`, if it has one.
+    async fn trace_id_of(&self, role: &str, message: &str) -> Option<String> {
+        let (logs, fields) = match role {
+            "user" => (self.user, json!({ "user.id": self.user_id })),
+            _ => (self.order, json!({ "partition": self.record.partition(), "offset": self.record.offset() })),
+        };
+        let line = eventually(Duration::from_secs(60), &format!("msys {role} logs {message:?}"), || async {
+            logs.find(message, &fields)
+        })
+        .await;
+        line.get("trace_id").map(|id| id.as_str().expect("trace_id is a string").to_owned())
+    }
 }
