@@ -20,6 +20,55 @@ pub struct FindMax {
     pub trials: Vec<Trial>,
     /// The highest passing rate, if any passed.
     pub max_rps: Option<f64>,
+    /// The highest rate the search was allowed to try (LOAD_MAX_RATE).
+    #[serde(default)]
+    pub rate_limit: f64,
+    /// The search passed at `rate_limit` and went no further: the service was
+    /// not saturated, so `max_rps` is a floor, not its capacity.
+    #[serde(default)]
+    pub stopped_at_limit: bool,
+}
+
+impl FindMax {
+    /// Records the outcome once `next_rate` says the search is done.
+    pub fn conclude(&mut self, rate_limit: f64) {
+        self.rate_limit = rate_limit;
+        self.max_rps = self
+            .trials
+            .iter()
+            .filter(|t| t.passed)
+            .map(|t| t.rate)
+            .fold(None, |a: Option<f64>, r| Some(a.map_or(r, |a| a.max(r))));
+        self.stopped_at_limit = self.max_rps.is_some_and(|r| r >= rate_limit);
+    }
+
+    /// The search's answer in one line. A pass at the limit is not the
+    /// capacity: calling it "the highest rate" would send readers away
+    /// believing the service tops out where the load tool was told to stop.
+    pub fn verdict(&self) -> String {
+        match self.max_rps {
+            Some(rate) if self.stopped_at_limit => format!(
+                "≥ {}/s: stopped at LOAD_MAX_RATE, the service was not saturated (p99 still under target); \
+                 raise LOAD_MAX_RATE to search further",
+                thousands(rate)
+            ),
+            Some(rate) => format!("highest rate with p99 under target: {}/s", thousands(rate)),
+            None => "no tried rate kept p99 under the target".to_owned(),
+        }
+    }
+}
+
+/// `50000.0` as "50,000": rates are read by people, and a search ends in round numbers.
+pub fn thousands(rate: f64) -> String {
+    let digits = format!("{:.0}", rate.abs());
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    if rate < 0.0 { format!("-{out}") } else { out }
 }
 
 /// At most this many trials, whatever the answers.
@@ -98,6 +147,48 @@ mod tests {
         let (trials, best) = search(1e9, 100.0, 1000.0);
         assert_eq!(best, Some(1000.0));
         assert_eq!(trials.last().map(|t| t.rate), Some(1000.0));
+    }
+
+    fn concluded(capacity: f64, max_rate: f64) -> FindMax {
+        let (trials, _) = search(capacity, 500.0, max_rate);
+        let mut find = FindMax { p99_under_ms: 20.0, trials, ..FindMax::default() };
+        find.conclude(max_rate);
+        find
+    }
+
+    #[test]
+    fn a_search_that_passes_at_the_limit_says_the_ceiling_was_hit_not_the_capacity() {
+        let find = concluded(1e9, 50_000.0);
+        assert_eq!(find.max_rps, Some(50_000.0));
+        assert!(find.stopped_at_limit);
+        let verdict = find.verdict();
+        assert!(
+            verdict.starts_with("≥ 50,000/s: stopped at LOAD_MAX_RATE, the service was not saturated"),
+            "{verdict}"
+        );
+        assert!(!verdict.contains("highest rate"), "{verdict}");
+    }
+
+    #[test]
+    fn a_search_that_found_the_capacity_below_the_limit_reports_the_highest_rate() {
+        let find = concluded(12_000.0, 50_000.0);
+        assert!(!find.stopped_at_limit);
+        let best = find.max_rps.expect("a rate passed");
+        assert!((12_000.0 / 1.1..=12_000.0).contains(&best), "{best}");
+        assert_eq!(find.verdict(), format!("highest rate with p99 under target: {}/s", thousands(best)));
+        // A failure at the limit is a capacity found, not a ceiling hit.
+        let find = concluded(49_000.0, 50_000.0);
+        assert!(!find.stopped_at_limit, "{:?}", find.trials);
+        assert!(find.verdict().starts_with("highest rate"));
+        assert_eq!(concluded(0.5, 50_000.0).verdict(), "no tried rate kept p99 under the target");
+    }
+
+    #[test]
+    fn rates_are_printed_with_thousands_separators() {
+        assert_eq!(thousands(50_000.0), "50,000");
+        assert_eq!(thousands(1_234_567.4), "1,234,567");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(0.0), "0");
     }
 
     #[test]

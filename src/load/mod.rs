@@ -531,7 +531,7 @@ async fn find_max(
             best = Some((measured, rate));
         }
     }
-    search.max_rps = best.as_ref().map(|(_, r)| *r);
+    search.conclude(limits.max_rate);
     (best, search)
 }
 

@@ -288,14 +288,7 @@ impl Report {
                     if t.passed { "ok" } else { "too slow" }
                 );
             }
-            match find.max_rps {
-                Some(rate) => {
-                    let _ = writeln!(out, "  => highest rate with p99 under target: {rate:.0}/s");
-                }
-                None => {
-                    let _ = writeln!(out, "  => no tried rate kept p99 under the target");
-                }
-            }
+            let _ = writeln!(out, "  => {}", find.verdict());
         }
         if !self.thresholds.is_empty() {
             let _ = writeln!(out, "\nThresholds:");
