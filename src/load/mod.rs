@@ -4,13 +4,14 @@
 //!
 //! - `plan`: intended send times of rate-mode runs (constant, Poisson, ramp, step, spike);
 //! - `run`: the open-loop and closed-loop engines and their HDR histograms;
-//! - `scenario`: what one request does, and the readiness checks;
+//! - `scenario`: what one request does, and the readiness checks; `grpc`: the lean client it calls with;
 //! - `pool` and `group`: the db-pool and consumer-group scenarios, which run in stages;
 //! - `find`: the capacity search; `report`: text, JSON, thresholds and baseline.
 
 pub mod cli;
 pub mod find;
 pub mod group;
+pub mod grpc;
 pub mod plan;
 pub mod pool;
 pub mod report;

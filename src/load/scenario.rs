@@ -7,10 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tonic::{Code, transport::Channel};
-use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient};
+use tonic_health::pb::{
+    HealthCheckRequest, HealthCheckResponse, health_check_response::ServingStatus, health_client::HealthClient,
+};
 
-use super::{LoadError, plan::SplitMix, run::Outcome};
-use crate::pb::{self, order_service_client::OrderServiceClient, user_service_client::UserServiceClient};
+use super::{
+    LoadError,
+    grpc::{CallError, Conn, Method},
+    plan::SplitMix,
+    run::Outcome,
+};
+use crate::pb;
 
 /// The kinds of load `msys load --scenario` knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
@@ -147,13 +154,42 @@ pub async fn wait_serving(channel: &Channel, addr: &str, service: &str, timeout:
     }
 }
 
-/// One per-request scenario, ready to fire: clients on shared connections.
+/// Connections to one target for the per-request calls (see `grpc`), each
+/// with the URIs of the methods the scenarios call on it.
+struct Lane {
+    conn: Conn,
+    create_user: Method,
+    get_user: Method,
+    list_users: Method,
+    create_order: Method,
+    health: Method,
+}
+
+/// Opens `n` lean connections to `addr`, for the calls themselves.
+async fn lanes(addr: &str, n: usize, timeout: Duration) -> Result<Vec<Lane>, LoadError> {
+    let mut lanes = Vec::with_capacity(n);
+    for _ in 0..n {
+        let conn = Conn::connect(addr, timeout.max(Duration::from_secs(1)))
+            .await
+            .map_err(|e| LoadError::NotReady(format!("cannot connect to {addr}: {e}")))?;
+        lanes.push(Lane {
+            create_user: conn.method("/msys.v1.UserService/CreateUser"),
+            get_user: conn.method("/msys.v1.UserService/GetUser"),
+            list_users: conn.method("/msys.v1.UserService/ListUsers"),
+            create_order: conn.method("/msys.v1.OrderService/CreateOrder"),
+            health: conn.method("/grpc.health.v1.Health/Check"),
+            conn,
+        });
+    }
+    Ok(lanes)
+}
+
+/// One per-request scenario, ready to fire: calls spread over `--connections` connections per target.
 pub struct Scenario {
     kind: ScenarioKind,
     run_id: String,
-    users: Vec<UserServiceClient<Channel>>,
-    orders: Vec<OrderServiceClient<Channel>>,
-    health: Vec<HealthClient<Channel>>,
+    users: Vec<Lane>,
+    orders: Vec<Lane>,
     read_ids: Vec<i64>,
     mix: Mix,
 }
@@ -172,33 +208,29 @@ impl Scenario {
         ready_timeout: Duration,
         run_id: &str,
     ) -> Result<Self, LoadError> {
-        let needs_users = matches!(kind, ScenarioKind::Users | ScenarioKind::Reads | ScenarioKind::Orders)
-            || (kind == ScenarioKind::Mixed && mix.users + mix.reads + mix.orders > 0);
+        let needs_users =
+            matches!(kind, ScenarioKind::Users | ScenarioKind::Reads | ScenarioKind::Orders | ScenarioKind::Health)
+                || (kind == ScenarioKind::Mixed && mix.users + mix.reads + mix.orders > 0);
         let needs_orders = kind == ScenarioKind::Orders || (kind == ScenarioKind::Mixed && mix.orders > 0);
         let mut scenario = Scenario {
             kind,
             run_id: run_id.to_owned(),
             users: Vec::new(),
             orders: Vec::new(),
-            health: Vec::new(),
             read_ids: Vec::new(),
             mix,
         };
-        if kind == ScenarioKind::Health {
-            let channels = connect(&targets.user_addr, connections, ready_timeout).await?;
-            wait_serving(&channels[0], &targets.user_addr, "", ready_timeout).await?;
-            scenario.health = channels.into_iter().map(HealthClient::new).collect();
-            return Ok(scenario);
-        }
         if needs_users {
-            let channels = connect(&targets.user_addr, connections, ready_timeout).await?;
-            wait_serving(&channels[0], &targets.user_addr, "msys.v1.UserService", ready_timeout).await?;
-            scenario.users = channels.into_iter().map(UserServiceClient::new).collect();
+            // The health scenario asks the server as a whole; the others need the user service.
+            let service = if kind == ScenarioKind::Health { "" } else { "msys.v1.UserService" };
+            let channels = connect(&targets.user_addr, 1, ready_timeout).await?;
+            wait_serving(&channels[0], &targets.user_addr, service, ready_timeout).await?;
+            scenario.users = lanes(&targets.user_addr, connections, ready_timeout).await?;
         }
         if needs_orders {
-            let channels = connect(&targets.order_addr, connections, ready_timeout).await?;
+            let channels = connect(&targets.order_addr, 1, ready_timeout).await?;
             wait_serving(&channels[0], &targets.order_addr, "msys.v1.OrderService", ready_timeout).await?;
-            scenario.orders = channels.into_iter().map(OrderServiceClient::new).collect();
+            scenario.orders = lanes(&targets.order_addr, connections, ready_timeout).await?;
         }
         if kind == ScenarioKind::Reads || (kind == ScenarioKind::Mixed && mix.reads > 0) {
             scenario.read_ids = scenario.existing_users().await.map_err(LoadError::Unexpected)?;
@@ -208,24 +240,24 @@ impl Scenario {
 
     /// Up to 1000 existing user ids; creates some first when there are none.
     async fn existing_users(&self) -> anyhow::Result<Vec<i64>> {
-        let mut client = self.users[0].clone();
+        let lane = &self.users[0];
         let page = pb::ListUsersRequest { page_size: 1000, page_token: String::new() };
-        let mut ids: Vec<i64> = client
-            .list_users(page.clone())
-            .await
-            .context("listing users to read")?
-            .into_inner()
-            .users
-            .iter()
-            .map(|u| u.id)
-            .collect();
+        let listed: pb::ListUsersResponse =
+            lane.conn.unary(&lane.list_users, &page).await.map_err(failed).context("listing users to read")?;
+        let mut ids: Vec<i64> = listed.users.iter().map(|u| u.id).collect();
         if ids.is_empty() {
             for n in 0..READ_SEED_USERS {
                 let request = pb::CreateUserRequest {
                     name: format!("load reader {n}"),
                     email: format!("reader-{}-{n}@load.msys.test", self.run_id),
                 };
-                ids.push(client.create_user(request).await.context("creating users to read")?.into_inner().id);
+                let user: pb::User = lane
+                    .conn
+                    .unary(&lane.create_user, &request)
+                    .await
+                    .map_err(failed)
+                    .context("creating users to read")?;
+                ids.push(user.id);
             }
         }
         Ok(ids)
@@ -253,8 +285,9 @@ impl Scenario {
                 }
             }
             ScenarioKind::Health => {
-                let mut client = self.health[i as usize % self.health.len()].clone();
-                client.check(HealthCheckRequest { service: String::new() }).await.map(drop).map_err(|s| s.code())
+                let lane = &self.users[i as usize % self.users.len()];
+                let request = HealthCheckRequest { service: String::new() };
+                lane.conn.unary::<_, HealthCheckResponse>(&lane.health, &request).await.map(drop).map_err(|e| e.code)
             }
             // Driven by their own runners, never per request.
             ScenarioKind::DbPool | ScenarioKind::ConsumerGroup => Err(Code::Unimplemented),
@@ -262,18 +295,18 @@ impl Scenario {
     }
 
     async fn create_user(&self, i: u64) -> Result<i64, Code> {
-        let mut client = self.users[i as usize % self.users.len()].clone();
+        let lane = &self.users[i as usize % self.users.len()];
         let request = pb::CreateUserRequest {
             name: format!("load user {i}"),
             email: format!("load-{}-{i}@load.msys.test", self.run_id),
         };
-        client.create_user(request).await.map(|r| r.into_inner().id).map_err(|s| s.code())
+        lane.conn.unary::<_, pb::User>(&lane.create_user, &request).await.map(|u| u.id).map_err(|e| e.code)
     }
 
     async fn read(&self, i: u64) -> Outcome {
-        let mut client = self.users[i as usize % self.users.len()].clone();
+        let lane = &self.users[i as usize % self.users.len()];
         let id = self.read_ids[(SplitMix::new(i ^ 0x5EED).next_u64() % self.read_ids.len() as u64) as usize];
-        client.get_user(pb::GetUserRequest { id }).await.map(drop).map_err(|s| s.code())
+        lane.conn.unary::<_, pb::User>(&lane.get_user, &pb::GetUserRequest { id }).await.map(drop).map_err(|e| e.code)
     }
 
     /// The event path is part of this latency: the order service answers
@@ -283,20 +316,23 @@ impl Scenario {
     /// soon as the order service knows the user, bounded by the call's deadline.
     async fn order(&self, i: u64) -> Outcome {
         let user_id = self.create_user(i).await?;
-        let mut client = self.orders[i as usize % self.orders.len()].clone();
+        let lane = &self.orders[i as usize % self.orders.len()];
         loop {
             let request = pb::CreateOrderRequest { user_id, product: "load-test".into(), quantity: 1 };
-            match client.create_order(request).await {
+            match lane.conn.unary::<_, pb::Order>(&lane.create_order, &request).await {
                 Ok(_) => return Ok(()),
-                Err(status)
-                    if status.code() == Code::FailedPrecondition && status.message().contains("does not exist") =>
-                {
+                Err(e) if e.code == Code::FailedPrecondition && e.message.contains("does not exist") => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                Err(status) => return Err(status.code()),
+                Err(e) => return Err(e.code),
             }
         }
     }
+}
+
+/// A failed setup call as an error people can read.
+fn failed(e: CallError) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", e.code, e.message)
 }
 
 #[cfg(test)]
