@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::{
     service::Routes,
-    transport::{Endpoint, Server, server::TcpIncoming},
+    transport::{Channel, Endpoint, Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::HealthReporter};
 use tracing::{Instrument, Span, instrument::Instrumented};
@@ -243,10 +243,17 @@ async fn publish_health(reporter: &HealthReporter, service: &str, last: &mut Opt
     *last = Some(now);
 }
 
-/// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the
-/// whole server). Used by `msys health` in scripts and container probes.
-pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+/// `addr` as a URI: a bare `host:port` means plaintext `http://host:port`,
+/// the form the roles' address flags take.
+pub fn uri_of(addr: &str) -> String {
+    if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") }
+}
+
+/// A channel to `addr` for a one-shot client (`msys health`, `msys status`):
+/// connecting and every call on it are bounded by `timeout`. Returns the URI
+/// too, for the caller's error messages.
+pub async fn connect(addr: &str, timeout: Duration) -> anyhow::Result<(Channel, String)> {
+    let uri = uri_of(addr);
     let channel = Endpoint::from_shared(uri.clone())
         .with_context(|| format!("{uri:?} is not a valid address"))?
         .connect_timeout(timeout)
@@ -254,6 +261,13 @@ pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyho
         .connect()
         .await
         .with_context(|| format!("connecting to {uri}"))?;
+    Ok((channel, uri))
+}
+
+/// Asks a server's grpc.health.v1 service for `service`'s status (`""` is the
+/// whole server). Used by `msys health` in scripts and container probes.
+pub async fn check_health(addr: &str, service: &str, timeout: Duration) -> anyhow::Result<String> {
+    let (channel, uri) = connect(addr, timeout).await?;
     let response = HealthClient::new(channel)
         .check(tonic_health::pb::HealthCheckRequest { service: service.to_owned() })
         .await

@@ -109,7 +109,7 @@ pub struct Targets {
 /// Opens `n` connections (HTTP/2 multiplexes each) to `addr`, retrying for
 /// up to `timeout` while the target is still starting.
 pub async fn connect(addr: &str, n: usize, timeout: Duration) -> Result<Vec<Channel>, LoadError> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
+    let uri = crate::grpc::uri_of(addr);
     let endpoint = tonic::transport::Endpoint::from_shared(uri.clone())
         .map_err(|_| LoadError::invalid("target", format!("{addr:?} is not a valid address")))?
         .connect_timeout(Duration::from_secs(2).min(timeout.max(Duration::from_millis(100))))

@@ -48,7 +48,7 @@ impl ServiceTarget {
     /// A role reached at `address`; `service` is the name its health
     /// service reports readiness under (e.g. msys.v1.UserService).
     pub fn remote(name: &'static str, address: &str, service: &'static str, timeout: Duration) -> anyhow::Result<Self> {
-        let uri = if address.contains("://") { address.to_owned() } else { format!("http://{address}") };
+        let uri = crate::grpc::uri_of(address);
         let channel = Endpoint::from_shared(uri.clone())
             .map_err(|e| anyhow::anyhow!("{name} address {uri:?} is not valid: {e}"))?
             .connect_timeout(timeout)

@@ -7,20 +7,12 @@ use std::{fmt::Write, time::Duration};
 use anyhow::Context;
 use prost::Message;
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
-use tonic::transport::Endpoint;
 
 use crate::pb::{self, monitor_service_client::MonitorServiceClient};
 
 /// Asks the monitor at `addr` for its latest snapshot.
 pub async fn fetch(addr: &str, timeout: Duration) -> anyhow::Result<pb::Snapshot> {
-    let uri = if addr.contains("://") { addr.to_owned() } else { format!("http://{addr}") };
-    let channel = Endpoint::from_shared(uri.clone())
-        .with_context(|| format!("{uri:?} is not a valid address"))?
-        .connect_timeout(timeout)
-        .timeout(timeout)
-        .connect()
-        .await
-        .with_context(|| format!("connecting to the monitor at {uri}"))?;
+    let (channel, uri) = crate::grpc::connect(addr, timeout).await.context("reaching the monitor")?;
     let snapshot = MonitorServiceClient::new(channel)
         .get_snapshot(pb::GetSnapshotRequest {})
         .await
