@@ -76,7 +76,7 @@ impl Arrivals {
     }
 
     /// Registers a call waiting for `user_id`, until the returned guard drops.
-    pub fn expect(&self, user_id: i64) -> Waiter {
+    pub fn register(&self, user_id: i64) -> Waiter {
         let bell = {
             let mut waiting = self.waiting();
             let entry = waiting.entry(user_id).or_insert_with(|| (Arc::default(), 0));
@@ -175,7 +175,7 @@ mod tests {
     #[tokio::test]
     async fn an_arrival_wakes_the_calls_waiting_for_that_user_and_no_other() {
         let arrivals = arrivals();
-        let (one, two) = (arrivals.expect(1), arrivals.expect(2));
+        let (one, two) = (arrivals.register(1), arrivals.register(2));
         let (woke_one, woke_two) = (one.bell().notified(), two.bell().notified());
         tokio::pin!(woke_one, woke_two);
         woke_one.as_mut().enable();
@@ -191,7 +191,7 @@ mod tests {
             SpanContext::new(TraceId::from(7u128), SpanId::from(n), TraceFlags::SAMPLED, true, TraceState::NONE)
         };
         let arrivals = arrivals();
-        let waiter = arrivals.expect(1);
+        let waiter = arrivals.register(1);
         arrivals.arrived(1, None);
         assert_eq!(waiter.applied_by(), None, "the sweep knows no span");
         arrivals.arrived(1, Some(&span(3)));
@@ -204,7 +204,7 @@ mod tests {
     #[test]
     fn registrations_are_dropped_with_their_last_waiter() {
         let arrivals = arrivals();
-        let (a, b) = (arrivals.expect(7), arrivals.expect(7));
+        let (a, b) = (arrivals.register(7), arrivals.register(7));
         assert_eq!(arrivals.waited_for(), vec![7]);
         drop(a);
         assert_eq!(arrivals.waited_for(), vec![7]);

@@ -91,7 +91,7 @@ impl OrderApi {
                 order.user_id, self.max_waiters
             ))
         })?;
-        let waiter = self.arrivals.expect(order.user_id);
+        let waiter = self.arrivals.register(order.user_id);
         loop {
             // Enabled before looking, so an arrival in between still wakes us.
             let bell = waiter.bell().notified();
