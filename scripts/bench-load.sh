@@ -63,7 +63,7 @@ start_user_role() {
   start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_HOST=127.0.0.1 \
     USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
     USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
-    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT"
+    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT" --metrics-port 0
   wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
     die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
 }
