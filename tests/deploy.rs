@@ -561,3 +561,89 @@ fn order_runs_one_replica_per_partition_behind_a_disruption_budget_and_user_scal
     assert_eq!(hpa["spec"]["metrics"][0]["resource"]["name"], "cpu");
     assert!(!roles["user"]["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"]["cpu"].is_null());
 }
+
+/// The variable that sets each role's metrics port, and the port the binary
+/// serves /metrics on when nothing sets it (the frontend serves it on its
+/// HTTP port).
+const METRICS_PORT_VARIABLES: [(&str, &str, &str); 4] = [
+    ("user", "USER_METRICS_PORT", "--metrics-port"),
+    ("order", "ORDER_METRICS_PORT", "--metrics-port"),
+    ("monitor", "MONITOR_METRICS_PORT", "--metrics-port"),
+    ("frontend", "FRONTEND_PORT", "--port"),
+];
+
+/// The default of `flag` as `msys ROLE --help` states it: what the code does
+/// when neither the flag nor its variable is given. Run away from the
+/// repository's `.env` and with the variable unset, so only the code speaks.
+fn binary_default(role: &str, variable: &str, flag: &str) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_msys"))
+        .args([role, "--help"])
+        .env_remove(variable)
+        .current_dir(std::env::temp_dir())
+        .output()
+        .expect("msys runs");
+    let help = String::from_utf8_lossy(&output.stdout);
+    let after_flag = help.split_once(&format!("{flag} <")).unwrap_or_else(|| panic!("msys {role} has {flag}")).1;
+    let default = after_flag.split_once("[default: ").unwrap_or_else(|| panic!("{flag} has a default")).1;
+    default.split(']').next().expect("a closing bracket").to_owned()
+}
+
+/// Issue 13: Prometheus scrapes each role on the port that role serves
+/// /metrics on. The Kubernetes annotations, the container's `metrics` port,
+/// config/prometheus.yml (Compose's `observability` profile) and the
+/// binary's default (or the variable that overrides it) must all agree, or
+/// a scrape target silently reads nothing.
+#[test]
+fn prometheus_scrapes_every_role_on_the_port_it_serves_metrics_on() {
+    let defaults: BTreeMap<&str, String> =
+        METRICS_PORT_VARIABLES.iter().map(|(role, var, flag)| (*role, binary_default(role, var, flag))).collect();
+    assert_eq!(defaults["user"], "9451", "the issue's default for the user role");
+    assert_eq!(defaults["order"], "9452", "the issue's default for the order role");
+    assert_eq!(defaults["monitor"], "9453", "the issue's default for the monitor role");
+
+    for dir in kustomizations() {
+        let docs = rendered(&dir);
+        let config = config_map(&docs, "msys-config");
+        let deployments = role_deployments(&docs);
+        for (role, variable, _) in METRICS_PORT_VARIABLES {
+            let deployment = &deployments[role];
+            let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+            let own_env = seq(&container["env"]).into_iter().find(|e| text(&e["name"]) == variable);
+            let port = own_env
+                .map(|e| text(&e["value"]))
+                .or_else(|| config.get(variable).cloned())
+                .unwrap_or_else(|| defaults[role].clone());
+            let annotations = &deployment["spec"]["template"]["metadata"]["annotations"];
+            let at = dir.display();
+            assert_eq!(text(&annotations["prometheus.io/scrape"]), "true", "{at}: {role} is scraped");
+            assert_eq!(text(&annotations["prometheus.io/port"]), port, "{at}: {role} is scraped on its metrics port");
+            assert_eq!(text(&annotations["prometheus.io/path"]), "/metrics", "{at}: {role} is scraped at /metrics");
+            assert!(
+                seq(&container["ports"]).iter().any(|p| text(&p["containerPort"]) == port),
+                "{at}: {role}'s container declares port {port}"
+            );
+        }
+    }
+
+    let prometheus: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(root().join("config/prometheus.yml")).expect("config/prometheus.yml"),
+    )
+    .expect("config/prometheus.yml is YAML");
+    let compose = services(&compose(&["observability"]));
+    assert!(compose.contains_key("prometheus"), "the observability profile runs Prometheus");
+    let mounts: Vec<String> = seq(&compose["prometheus"]["volumes"]).iter().map(text).collect();
+    assert!(
+        mounts.iter().any(|m| m.contains("config/prometheus.yml:/etc/prometheus/prometheus.yml")),
+        "Compose's Prometheus reads config/prometheus.yml: {mounts:?}"
+    );
+    for (role, variable, _) in METRICS_PORT_VARIABLES {
+        let job = seq(&prometheus["scrape_configs"])
+            .into_iter()
+            .find(|job| text(&job["job_name"]) == format!("msys-{role}"))
+            .unwrap_or_else(|| panic!("config/prometheus.yml has a job msys-{role}"));
+        let targets: Vec<String> = seq(&job["static_configs"][0]["targets"]).iter().map(text).collect();
+        let set = &compose[role]["environment"][variable];
+        let port = if set.is_null() { defaults[role].clone() } else { text(set) };
+        assert_eq!(targets, [format!("{role}:{port}")], "Prometheus scrapes compose service {role} on {port}");
+    }
+}
