@@ -15,6 +15,7 @@ pub mod frontend;
 pub mod grpc;
 pub mod kafka;
 pub mod load;
+pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod monitor;

@@ -16,7 +16,12 @@ fn main() -> anyhow::Result<()> {
     // A missing .env is normal; real environment variables win over it.
     let _ = dotenvy::dotenv();
     no_backtraces_in_errors();
-    tokio::runtime::Builder::new_multi_thread().enable_all().build()?.block_on(run())
+    // Parked workers hand freed memory back to the system (src/memory.rs).
+    tokio::runtime::Builder::new_multi_thread()
+        .on_thread_park(msys::memory::on_worker_park)
+        .enable_all()
+        .build()?
+        .block_on(run())
 }
 
 /// Errors are routine here (a database restart fails thousands of calls), and

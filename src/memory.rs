@@ -1,0 +1,104 @@
+//! Giving memory back to the system when a role goes quiet.
+//!
+//! After a burst, or a database restart that fails thousands of calls at
+//! once, both allocators keep what they took at the peak: mimalloc keeps
+//! freed pages in each thread's heap, glibc (which librdkafka's C threads
+//! allocate from) keeps free chunks in each of its arenas. The role's
+//! resident memory then stays at the peak's level for good, though nothing
+//! uses it (issue 17 point 8, `scripts/bench-memory-faults.sh`).
+//!
+//! A tokio worker that parks has no task to run: that is when it collects
+//! its own mimalloc heap (only the owning thread may), and one of them trims
+//! glibc's arenas (one call trims them all). Each does so at most once per
+//! [`INTERVAL`], so under load, when workers park between bursts of work
+//! thousands of times a second, the cost is one clock read per park.
+
+use std::{
+    cell::Cell,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+/// How often a parked worker may collect at most.
+const INTERVAL: Duration = Duration::from_secs(5);
+
+// Links the C library that defines `mi_collect` wherever this module is
+// (main.rs also makes it the global allocator).
+extern crate mimalloc as _;
+
+unsafe extern "C" {
+    /// mimalloc's own: frees the calling thread's empty pages and, with
+    /// `force`, purges what its segments hold in reserve.
+    fn mi_collect(force: bool);
+}
+
+thread_local! {
+    static LAST_COLLECT: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// When glibc's arenas were last trimmed, process-wide; `None`: never.
+static LAST_TRIM: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// For `tokio::runtime::Builder::on_thread_park`.
+pub fn on_worker_park() {
+    let now = Instant::now();
+    let due = LAST_COLLECT.with(|last| {
+        let due = last.get().is_none_or(|at| now.duration_since(at) >= INTERVAL);
+        if due {
+            last.set(Some(now));
+        }
+        due
+    });
+    if !due {
+        return;
+    }
+    // SAFETY: mimalloc's API, on the calling thread's own heap; it takes no
+    // pointer and may be called at any time from any thread.
+    unsafe { mi_collect(true) };
+    // One worker trims for all; another one parking meanwhile does not wait.
+    let Ok(mut last_trim) = LAST_TRIM.try_lock() else { return };
+    if last_trim.is_none_or(|at| now.duration_since(at) >= INTERVAL) {
+        *last_trim = Some(now);
+        // SAFETY: glibc's malloc_trim takes no pointer and locks each arena
+        // itself; returning free pages to the system is all it does.
+        unsafe { libc::malloc_trim(0) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rss_anon_kib() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// glibc keeps a thread arena's freed chunks resident while a live
+    /// chunk above them pins the heap's top: the shape librdkafka's threads
+    /// leave after a burst. A parked worker gives those pages back.
+    #[test]
+    fn a_parked_worker_returns_freed_glibc_memory() {
+        // The unit tests' allocator is the system's (glibc): mimalloc is the
+        // binary's, set in main.rs. A thread of its own gets an arena of its own.
+        std::thread::spawn(|| {
+            let blocks: Vec<Box<[u8; 256]>> = (0..120_000).map(|i| Box::new([i as u8; 256])).collect();
+            let pin = Box::new([1_u8; 256]);
+            drop(blocks);
+            let freed = rss_anon_kib();
+            on_worker_park();
+            let trimmed = rss_anon_kib();
+            assert!(
+                trimmed + 16 * 1024 < freed,
+                "RssAnon {freed} KiB with ~30 MB freed, {trimmed} KiB after the parked worker collected"
+            );
+            drop(pin);
+        })
+        .join()
+        .expect("the allocating thread");
+    }
+}
