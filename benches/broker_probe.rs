@@ -90,6 +90,40 @@ fn consumer(kafka: &KafkaArgs, fetch_wait_ms: u64, offset: Offset) -> anyhow::Re
     Ok(consumer)
 }
 
+/// Produces every record (with or without its headers) and waits for every
+/// ack; returns the seconds that took and how many failed.
+async fn produce_all(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    records: &[events::EncodedRecord],
+    headers: bool,
+) -> (f64, usize) {
+    let started = Instant::now();
+    let mut deliveries = Vec::with_capacity(records.len());
+    for record in records {
+        let mut future = FutureRecord::to(topic).key(&record.key).payload(&record.payload);
+        if headers {
+            future = future.headers(record.headers.clone());
+        }
+        loop {
+            match producer.send_result(future) {
+                Ok(delivery) => break deliveries.push(delivery),
+                Err((_, back)) => {
+                    future = back;
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            }
+        }
+    }
+    let mut failed = 0;
+    for delivery in deliveries {
+        if !matches!(delivery.await, Ok(Ok(_))) {
+            failed += 1;
+        }
+    }
+    (started.elapsed().as_secs_f64(), failed)
+}
+
 fn now_ns() -> u128 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }
@@ -106,28 +140,13 @@ async fn main() -> anyhow::Result<()> {
             let records: Vec<events::EncodedRecord> =
                 (0..args.records as u64).map(|i| events::encode(&user_event(i))).collect();
             let bytes = records.iter().map(|r| r.key.len() + r.payload.len()).sum::<usize>() / records.len().max(1);
-            let started = Instant::now();
-            let mut deliveries = Vec::with_capacity(records.len());
-            for record in &records {
-                let mut future =
-                    FutureRecord::to(&topic).key(&record.key).payload(&record.payload).headers(record.headers.clone());
-                loop {
-                    match producer.send_result(future) {
-                        Ok(delivery) => break deliveries.push(delivery),
-                        Err((_, back)) => {
-                            future = back;
-                            tokio::time::sleep(Duration::from_millis(1)).await;
-                        }
-                    }
-                }
-            }
-            let mut failed = 0;
-            for delivery in deliveries {
-                if !matches!(delivery.await, Ok(Ok(_))) {
-                    failed += 1;
-                }
-            }
-            let produce = started.elapsed().as_secs_f64();
+            let (produce, failed) = produce_all(&producer, &topic, &records, true).await;
+            // The same records without their headers, on a second scratch topic: nisshi's cost
+            // grows with each record's header count (see the README, "The event pipeline"),
+            // which Apache Kafka's does not, so the pipeline's figures are read against both.
+            let bare_topic = format!("{topic}-bare");
+            msys::kafka::ensure_topic(&kafka, &bare_topic, 3, 1).await?;
+            let (bare, _) = produce_all(&producer, &bare_topic, &records, false).await;
             let reader = consumer(&kafka, args.fetch_wait_ms, Offset::Beginning)?;
             let mut first = None;
             let mut read = 0;
@@ -138,10 +157,13 @@ async fn main() -> anyhow::Result<()> {
             }
             let consume = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
             println!(
-                "records={} failed={failed} record_bytes={bytes} produce_rps={:.0} consume_rps={:.0}",
+                "records={} failed={failed} record_bytes={bytes} headers={} produce_rps={:.0} consume_rps={:.0} \
+                 produce_without_headers_rps={:.0}",
                 args.records,
+                records.first().map_or(0, |r| r.headers.count()),
                 args.records as f64 / produce,
                 args.records as f64 / consume.max(1e-9),
+                args.records as f64 / bare,
             );
         }
         Mode::Latency => {
