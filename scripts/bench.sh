@@ -16,6 +16,8 @@
 #   MSYS_BIN                msys binary to run instead of a cargo release build
 #   MSYS_BENCH_SECONDS      length of each CreateUser and pgbench run (default 5)
 #   MSYS_BENCH_REQUESTS     h2load requests per endpoint and round (default 100000)
+#   MSYS_BENCH_PGBENCH_SQL  pgbench's side of a (default scripts/bench/create_user.sql); an older
+#                           build's schema needs that build's script (git show REV:scripts/...)
 #   MSYS_BENCH_ROUNDS       rounds of a and of b; each round runs both sides of the ratio
 #                           one after the other, and each side keeps its median (default 5)
 #   MSYS_KEEP_TMP=1         keep the temporary directory (data and logs)
@@ -26,6 +28,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 SECONDS_PER_RUN=${MSYS_BENCH_SECONDS:-5}
 H2_REQUESTS=${MSYS_BENCH_REQUESTS:-100000}
 ROUNDS=${MSYS_BENCH_ROUNDS:-5}
+PGBENCH_SQL=${MSYS_BENCH_PGBENCH_SQL:-$MSYS_ROOT/scripts/bench/create_user.sql}
 TMP=
 LOAD_BIN=
 ROLE_PID=
@@ -58,13 +61,15 @@ teardown() {
 # SERVING on grpc.health.v1, the same check start.sh uses.
 role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
 
-# The user role against the throwaway database and broker; healthy before any load starts.
+# The user role against the throwaway database and broker; healthy before any load starts. Its
+# metrics port is a free one, set by variable rather than flag so that a build older than /metrics
+# (MSYS_BIN=<old build>, for a before/after comparison) runs under the same script.
 start_user_role() {
   local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
   start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_HOST=127.0.0.1 \
     USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
     USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
-    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT" --metrics-port 0
+    MSYS_LISTEN_HOST=127.0.0.1 USER_METRICS_PORT=0 "$MSYS_BIN" user --port "$USER_PORT"
   wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
     die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
   ROLE_PID=$(<"$pidfile")
@@ -117,9 +122,9 @@ bench_create_grpc() {
 # a, second half: the same transaction straight through pgbench, prepared like msys's statements.
 bench_create_pgbench() {
   local out tps
-  log "pgbench: $SECONDS_PER_RUN s, 32 clients, scripts/bench/create_user.sql"
+  log "pgbench: $SECONDS_PER_RUN s, 32 clients, $PGBENCH_SQL"
   out=$(PGPASSWORD=postgres "$PG_BINDIR/pgbench" -n -M prepared -c 32 -j 2 -T "$SECONDS_PER_RUN" \
-    -f "$MSYS_ROOT/scripts/bench/create_user.sql" -h 127.0.0.1 -p "$PG_PORT" -U postgres users_db 2>&1) ||
+    -f "$PGBENCH_SQL" -h 127.0.0.1 -p "$PG_PORT" -U postgres users_db 2>&1) ||
     die "pgbench failed: $out"
   tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -n 1)
   [[ -n $tps ]] || die "no tps in pgbench output: $out"
