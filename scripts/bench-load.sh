@@ -45,27 +45,9 @@ teardown() {
   local status=$?
   trap - EXIT INT TERM
   set +e
-  if [[ -n $TMP ]]; then
-    log "tearing down $TMP"
-    (stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20)
-    (stop_daemon broker "$TMP/run/kafka.pid" nisshi 10)
-    (pg_stop_cluster "$TMP/pg/users" immediate)
-    if [[ ${MSYS_KEEP_TMP:-} == 1 ]]; then log "kept $TMP (MSYS_KEEP_TMP=1)"; else rm -rf "$TMP"; fi
-  fi
+  stop_user_stack
   print_timings
   exit "$status"
-}
-
-role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
-
-start_user_role() {
-  local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
-  start_daemon "$pidfile" "$logf" "$TMP/run" env USER_POSTGRES_HOST=127.0.0.1 \
-    USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
-    USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
-    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT" --metrics-port 0
-  wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
-    die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
 }
 
 median() { printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -110,14 +92,7 @@ main() {
   find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
   timed "build" ensure_msys build
 
-  make_throwaway_dir TMP msys-bench-load
-  free_port PG_PORT
-  timed "postgres users" pg_start_cluster "$TMP/pg/users" "$PG_PORT" \
-    "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
-  free_port KAFKA_PORT
-  timed "broker" start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
-  create_user_events_topic "$KAFKA_PORT" "$TMP/log/kafka.log"
-  free_port USER_PORT
+  start_user_stack msys-bench-load
   timed "msys user" start_user_role
   "$MSYS_ROOT/scripts/bench/grpc-bodies.sh" "$TMP/bodies" 1
 

@@ -41,27 +41,8 @@ teardown() {
   trap - EXIT INT TERM
   set +e
   for pid in "${LOAD_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
-  if [[ -n $TMP ]]; then
-    log "tearing down $TMP"
-    (stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20)
-    (stop_daemon broker "$TMP/run/kafka.pid" nisshi 10)
-    (pg_stop_cluster "$TMP/pg/users" immediate)
-    if [[ ${MSYS_KEEP_TMP:-} == 1 ]]; then log "kept $TMP (MSYS_KEEP_TMP=1)"; else rm -rf "$TMP"; fi
-  fi
+  stop_user_stack
   exit "$status"
-}
-
-role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
-
-start_user_role() {
-  local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
-  start_daemon "$pidfile" "$logf" "$TMP/run" env RUST_BACKTRACE="$BACKTRACE" USER_POSTGRES_HOST=127.0.0.1 \
-    USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
-    USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
-    MSYS_LISTEN_HOST=127.0.0.1 "$MSYS_BIN" user --port "$USER_PORT" --metrics-port 0
-  wait_until 60 daemon_check "$pidfile" "msys user" "$logf" role_healthy ||
-    die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
-  ROLE_PID=$(<"$pidfile")
 }
 
 # The role's resident memory in kB (VmRSS), or its peak (VmHWM).
@@ -117,15 +98,8 @@ main() {
   find_pg_bindir || die "PostgreSQL binaries not found after installing postgresql"
   ensure_msys build
 
-  make_throwaway_dir TMP msys-memory
-  log "stack in $TMP"
-  free_port PG_PORT
-  pg_start_cluster "$TMP/pg/users" "$PG_PORT" "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
-  free_port KAFKA_PORT
-  start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
-  create_user_events_topic "$KAFKA_PORT" "$TMP/log/kafka.log"
-  free_port USER_PORT
-  start_user_role
+  start_user_stack msys-memory
+  start_user_role RUST_BACKTRACE="$BACKTRACE"
   sleep 3
   started=$(rss_kb)
 
@@ -145,7 +119,7 @@ main() {
     restart_postgres
   done
   wait_load
-  wait_until 60 role_healthy || die_with_log "$TMP/log/user.log" "msys user not healthy after the restarts"
+  wait_until 60 user_role_healthy || die_with_log "$TMP/log/user.log" "msys user not healthy after the restarts"
   sleep 5
   after=$(rss_kb)
   log "after the faults: $(detail)"

@@ -551,3 +551,48 @@ create_user_events_topic() {
     --partitions 3 --replication-factor 1 >>"$log" 2>&1 ||
     die_with_log "$log" "msys events create-topic user-events failed"
 }
+
+# ---------------------------------------------------------------- one user role on a throwaway stack
+
+# The stack the user role's benchmarks share (bench.sh, bench-load.sh, bench-memory-faults.sh), in
+# a new throwaway directory TMP named after PREFIX: PostgreSQL with the seed's users tuning on
+# PG_PORT and a broker with user-events on KAFKA_PORT; USER_PORT is picked for the role.
+start_user_stack() {
+  make_throwaway_dir TMP "$1"
+  log "stack in $TMP"
+  free_port PG_PORT
+  timed "postgres users" pg_start_cluster "$TMP/pg/users" "$PG_PORT" \
+    "$MSYS_ROOT/config/postgres/users.conf" "$TMP/log/postgres-users.log"
+  free_port KAFKA_PORT
+  timed "broker" start_nisshi "$TMP/kafka" "$KAFKA_PORT" "$TMP/log/kafka.log" "$TMP/run/kafka.pid"
+  create_user_events_topic "$KAFKA_PORT" "$TMP/log/kafka.log"
+  free_port USER_PORT
+}
+
+# SERVING on grpc.health.v1, the same check start.sh uses.
+user_role_healthy() { "$MSYS_BIN" health "127.0.0.1:$USER_PORT" >/dev/null 2>&1; }
+
+# `msys user` on that stack, healthy before it returns; sets ROLE_PID. VAR=value arguments are added
+# to its environment. Its metrics port is a free one, set by variable rather than flag so that a
+# build older than /metrics (MSYS_BIN=<old build>, for a before/after comparison) runs too.
+start_user_role() {
+  local pidfile=$TMP/run/user.pid logf=$TMP/log/user.log
+  start_daemon "$pidfile" "$logf" "$TMP/run" env "$@" USER_POSTGRES_HOST=127.0.0.1 \
+    USER_POSTGRES_PORT="$PG_PORT" USER_POSTGRES_USER=postgres USER_POSTGRES_PASSWORD=postgres \
+    USER_POSTGRES_DB=users_db KAFKA_HOST=127.0.0.1 KAFKA_PORT="$KAFKA_PORT" USER_EVENTS_TOPIC=user-events \
+    MSYS_LISTEN_HOST=127.0.0.1 USER_METRICS_PORT=0 "$MSYS_BIN" user --port "$USER_PORT"
+  wait_until 60 daemon_check "$pidfile" "msys user" "$logf" user_role_healthy ||
+    die_with_log "$logf" "msys user not healthy on 127.0.0.1:$USER_PORT after 60s"
+  ROLE_PID=$(<"$pidfile")
+}
+
+# Best effort, for an EXIT trap: stops what start_user_stack and start_user_role started and
+# removes TMP (kept with MSYS_KEEP_TMP=1).
+stop_user_stack() {
+  [[ -n ${TMP:-} ]] || return 0
+  log "tearing down $TMP"
+  (stop_daemon "msys user" "$TMP/run/user.pid" "msys user" 20)
+  (stop_daemon broker "$TMP/run/kafka.pid" nisshi 10)
+  (pg_stop_cluster "$TMP/pg/users" immediate)
+  if [[ ${MSYS_KEEP_TMP:-} == 1 ]]; then log "kept $TMP (MSYS_KEEP_TMP=1)"; else rm -rf "$TMP"; fi
+}
