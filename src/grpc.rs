@@ -17,7 +17,7 @@ use tonic_health::{ServingStatus, pb::health_client::HealthClient, server::Healt
 use tracing::{Instrument, Span, instrument::Instrumented};
 
 use crate::{
-    metrics::{MetricsLayer, Registry},
+    metrics::{MetricsLayer, Registry, answered_code},
     overload::ConcurrencyLimit,
     pb::{self, metrics_service_server::MetricsServiceServer},
     telemetry, trace,
@@ -149,12 +149,7 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
         let this = self.project();
         let output = std::task::ready!(this.call.poll(cx));
-        // As in the metrics layer: a failed call is answered trailers-only,
-        // with grpc-status in the headers; an OK unary one has it in trailers.
-        let code = match &output {
-            Ok(response) => response.headers().get("grpc-status").map_or(Code::Ok, |s| Code::from_bytes(s.as_bytes())),
-            Err(_) => Code::Unknown,
-        };
+        let code = answered_code(&output);
         this.span.record("rpc.grpc.status_code", code as i64);
         if matches!(
             code,

@@ -65,16 +65,20 @@ where
         let call = Call::enter(self.registry.grpc_method(request.uri().path()), &self.in_flight);
         Box::pin(async move {
             let response = inner.call(request).await;
-            // A failed RPC is answered "trailers-only", with grpc-status in
-            // the headers; a successful unary one carries it in the trailers,
-            // so a missing header means OK.
-            let code = match &response {
-                Ok(r) => r.headers().get("grpc-status").map_or(Code::Ok, |status| Code::from_bytes(status.as_bytes())),
-                Err(_) => Code::Unknown,
-            };
-            call.finish(code);
+            call.finish(answered_code(&response));
             response
         })
+    }
+}
+
+/// The gRPC status a server answered a call with, as far as the response
+/// head shows it. A failed RPC is answered "trailers-only", with grpc-status
+/// in the headers; a successful unary one carries it in the trailers, so a
+/// missing header means OK. The trace layer records the same code.
+pub fn answered_code<RB, E>(response: &Result<http::Response<RB>, E>) -> Code {
+    match response {
+        Ok(r) => r.headers().get("grpc-status").map_or(Code::Ok, |status| Code::from_bytes(status.as_bytes())),
+        Err(_) => Code::Unknown,
     }
 }
 

@@ -33,7 +33,7 @@ use tonic::{Code, Request, Response, Status};
 
 pub use self::{
     histogram::{COUNT_BUCKETS, Histogram, LATENCY_BUCKETS, Snapshot},
-    layer::{Metered, MetricsLayer},
+    layer::{Metered, MetricsLayer, answered_code},
 };
 use crate::pb::{self, metrics_service_server::MetricsService};
 
