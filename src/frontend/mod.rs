@@ -180,14 +180,20 @@ mod tests {
         stream
     }
 
-    async fn get(addr: SocketAddr, path: &str) -> String {
-        let mut stream = send(addr, &format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")).await;
+    /// Sends `request` (which asks for `connection: close`) and reads the whole answer.
+    async fn exchange(addr: SocketAddr, request: &str, within: Duration) -> String {
+        let mut stream = send(addr, request).await;
         let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut answer))
+        tokio::time::timeout(within, stream.read_to_string(&mut answer))
             .await
             .expect("answers in time")
             .expect("reads");
         answer
+    }
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let request = format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        exchange(addr, &request, Duration::from_secs(5)).await
     }
 
     async fn post(addr: SocketAddr, path: &str, body: &str) -> String {
@@ -195,13 +201,7 @@ mod tests {
             "POST {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let mut stream = send(addr, &request).await;
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut answer))
-            .await
-            .expect("answers in time")
-            .expect("reads");
-        answer
+        exchange(addr, &request, Duration::from_secs(10)).await
     }
 
     #[tokio::test]

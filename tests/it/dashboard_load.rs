@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     load_monitor::monitor_for,
-    support::{Flow, TestResult, server_args},
+    support::{Flow, TestResult, http_exchange, server_args},
 };
 
 const TOKEN: &str = "panel-admin-52c1";
@@ -55,16 +55,9 @@ impl Dashboard {
              {auth}content-length: {}\r\n\r\n{body}",
             body.len()
         );
-        let mut stream = TcpStream::connect(self.addr).await.expect("connects");
-        stream.write_all(request.as_bytes()).await.expect("writes");
-        let mut answer = String::new();
-        tokio::time::timeout(Duration::from_secs(15), stream.read_to_string(&mut answer))
-            .await
-            .expect("answers in time")
-            .expect("reads");
-        let (head, body) = answer.split_once("\r\n\r\n").expect("a complete HTTP answer");
+        let (head, body) = http_exchange(self.addr, &request, Duration::from_secs(15)).await;
         let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status line");
-        (status, serde_json::from_str(body).unwrap_or(Value::Null))
+        (status, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     async fn start_load(&self, token: Option<&str>, body: &str) -> (u16, Value) {

@@ -650,3 +650,19 @@ impl UsersSide {
         UsersSide { users_db, orders_db, kafka, user }
     }
 }
+
+/// One plain HTTP exchange over a fresh connection: sends `request` (which
+/// must ask the server to close, HTTP/1.0 or `connection: close`) and reads
+/// the whole answer within `within`. Returns (head, body).
+pub async fn http_exchange(addr: SocketAddr, request: &str, within: Duration) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connects");
+    stream.write_all(request.as_bytes()).await.expect("sends the request");
+    let mut answer = String::new();
+    tokio::time::timeout(within, stream.read_to_string(&mut answer))
+        .await
+        .expect("answers in time")
+        .expect("reads the answer");
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete HTTP answer: head and body");
+    (head.to_owned(), body.to_owned())
+}

@@ -5,21 +5,13 @@
 use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use msys::pb::{self, metrics_service_client::MetricsServiceClient};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 
-use crate::support::{Flow, TestResult, eventually};
+use crate::support::{Flow, TestResult, eventually, http_exchange};
 
 /// One plain HTTP/1.0 GET, as a scraper sends it: (status line, headers+body).
 async fn scrape(addr: SocketAddr) -> (String, String) {
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect to the metrics port");
-    stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n").await.expect("send");
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
-        .await
-        .expect("answered within 5 s")
-        .expect("read");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    (head.to_owned(), body.to_owned())
+    http_exchange(addr, "GET /metrics HTTP/1.0\r\nHost: test\r\n\r\n", Duration::from_secs(5)).await
 }
 
 /// The value of the sample line that starts with `series` (name and labels).
