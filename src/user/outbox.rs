@@ -185,7 +185,7 @@ impl Relay {
                     _ = heartbeat.tick() => { tx.simple_query("SELECT 1").await?; }
                 }
             };
-            let stamp = self.publishable(&pending, results, &mut blocked_users);
+            let (stamp, stamp_bytes) = self.publishable(&pending, &sizes, results, &mut blocked_users);
             // The time the chunk's acks arrived (this statement's start), not
             // the pass's start (`now()`): a pass covers up to PASS_CHUNKS
             // chunks, and stamping them all with its first instant made the
@@ -193,9 +193,7 @@ impl Relay {
             // from the stamps (scripts/bench-pipeline.sh does).
             tx.execute("UPDATE user_outbox SET published_at = statement_timestamp() WHERE id = ANY($1)", &[&stamp])
                 .await?;
-            let stamped: HashSet<i64> = stamp.iter().copied().collect();
-            published_bytes +=
-                pending.iter().zip(&sizes).filter(|(p, _)| stamped.contains(&p.id)).map(|(_, n)| n).sum::<usize>();
+            published_bytes += stamp_bytes;
             published += stamp.len();
             failed += pending.len() - stamp.len();
         }
@@ -251,14 +249,19 @@ impl Relay {
     /// The ids of the rows that may be stamped: delivered, and with no
     /// earlier undelivered row of the same user in this pass, so a retry can
     /// never put a user's older event after a newer one already stamped.
+    /// Also the bytes of their records (`sizes` holds those of the rows that
+    /// were enqueued, which come first).
     fn publishable(
         &mut self,
         pending: &[Pending],
+        sizes: &[usize],
         results: Vec<Result<OwnedDeliveryResult, Canceled>>,
         blocked_users: &mut HashSet<i64>,
-    ) -> Vec<i64> {
+    ) -> (Vec<i64>, usize) {
         let mut publishable = Vec::with_capacity(results.len());
-        for (row, result) in pending.iter().zip(results.into_iter().map(Some).chain(std::iter::repeat_with(|| None))) {
+        let mut bytes = 0;
+        let results = results.into_iter().map(Some).chain(std::iter::repeat_with(|| None));
+        for (index, (row, result)) in pending.iter().zip(results).enumerate() {
             let ok = match result {
                 Some(Ok(Ok(_))) => true,
                 Some(Ok(Err((error, _)))) => {
@@ -269,11 +272,12 @@ impl Relay {
             };
             if ok && !blocked_users.contains(&row.user_id) {
                 publishable.push(row.id);
+                bytes += sizes.get(index).copied().unwrap_or(0);
             } else {
                 blocked_users.insert(row.user_id);
             }
         }
-        publishable
+        (publishable, bytes)
     }
 
     fn note_failure(&mut self, error: &KafkaError) {
