@@ -96,21 +96,20 @@ impl Panel {
 
     /// A run this frontend started: it supersedes whatever was being followed.
     fn watch_own(&self) -> Watching {
-        let mut state = self.lock();
-        state.generation += 1;
-        state.watching = true;
-        Watching { panel: self.clone(), generation: state.generation }
+        self.watch(&mut self.lock())
     }
 
     /// A run started elsewhere, unless one is already being shown.
     fn watch_foreign(&self) -> Option<Watching> {
         let mut state = self.lock();
-        if state.watching {
-            return None;
-        }
+        (!state.watching).then(|| self.watch(&mut state))
+    }
+
+    /// A new generation becomes the one shown.
+    fn watch(&self, state: &mut PanelState) -> Watching {
         state.generation += 1;
         state.watching = true;
-        Some(Watching { panel: self.clone(), generation: state.generation })
+        Watching { panel: self.clone(), generation: state.generation }
     }
 }
 
@@ -159,7 +158,9 @@ fn authorized<T>(message: T, token: Option<&str>) -> Result<Request<T>, PanelErr
     Ok(request)
 }
 
-/// A unary call with its deadline, sent to the monitor too (`grpc-timeout`).
+/// A call to the monitor answered within CALL_TIMEOUT (for RunLoadTest: the
+/// start of its stream). A unary caller also sends that deadline to the
+/// monitor (`grpc-timeout`); RunLoadTest must not, it would bound the stream.
 async fn unary<T>(
     what: &'static str,
     call: impl Future<Output = Result<tonic::Response<T>, Status>>,
@@ -212,9 +213,9 @@ async fn token_required(app: &App) -> Option<bool> {
         return Some(known);
     }
     let probe = pb::RunLoadTestRequest { duration_seconds: -1.0, ..Default::default() };
-    let learned = match tokio::time::timeout(CALL_TIMEOUT, app.feed.client().run_load_test(probe)).await {
-        Ok(Err(status)) if status.code() == Code::Unauthenticated => Some(true),
-        Ok(Err(status)) if status.code() == Code::InvalidArgument => Some(false),
+    let learned = match unary("RunLoadTest", app.feed.client().run_load_test(probe)).await {
+        Err(PanelError::Monitor(status)) if status.code() == Code::Unauthenticated => Some(true),
+        Err(PanelError::Monitor(status)) if status.code() == Code::InvalidArgument => Some(false),
         _ => None,
     };
     if let Some(required) = learned {
@@ -250,15 +251,12 @@ async fn begin(app: &App, headers: &HeaderMap, form: &LoadForm) -> Result<Value,
     // No grpc-timeout here: it would bound the whole stream, not its start.
     let mut client = app.feed.client();
     let call = client.run_load_test(authorized(request.clone(), token.as_deref())?);
-    let stream = match tokio::time::timeout(CALL_TIMEOUT, call).await {
-        Err(_) => return Err(PanelError::Timeout("RunLoadTest")),
-        Ok(Err(status)) => {
-            if status.code() == Code::Unauthenticated {
-                app.load.learn_token_required(true);
-            }
+    let stream = match unary("RunLoadTest", call).await {
+        Err(PanelError::Monitor(status)) if status.code() == Code::Unauthenticated => {
+            app.load.learn_token_required(true);
             return Err(status.into());
         }
-        Ok(Ok(response)) => response.into_inner(),
+        answer => answer?,
     };
     if token.is_none() {
         app.load.learn_token_required(false);
