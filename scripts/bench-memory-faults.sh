@@ -102,6 +102,7 @@ main() {
   start_user_role RUST_BACKTRACE="$BACKTRACE"
   sleep 3
   started=$(rss_kb)
+  log "after start: $(detail)"
 
   log "warm-up: 15 s of load, no fault"
   start_load 15
