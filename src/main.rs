@@ -16,6 +16,7 @@ fn main() -> anyhow::Result<()> {
     // A missing .env is normal; real environment variables win over it.
     let _ = dotenvy::dotenv();
     no_backtraces_in_errors();
+    msys::memory::configure_allocators();
     // Parked workers hand freed memory back to the system (src/memory.rs).
     tokio::runtime::Builder::new_multi_thread()
         .on_thread_park(msys::memory::on_worker_park)

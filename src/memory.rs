@@ -39,6 +39,24 @@ thread_local! {
 /// When glibc's arenas were last trimmed, process-wide; `None`: never.
 static LAST_TRIM: Mutex<Option<Instant>> = Mutex::new(None);
 
+/// Caps glibc at one arena, before any thread starts.
+///
+/// Only C code allocates from glibc here (librdkafka's threads, OpenSSL):
+/// Rust allocates from mimalloc. By default glibc gives each such thread an
+/// arena of its own, and `malloc_trim` cannot shrink the top of a thread's
+/// arena, only of the main one: after a burst each of librdkafka's arenas
+/// kept 0.5 to 4 MB resident with a few kilobytes in use (`malloc_info`
+/// 30 s after `scripts/bench-memory-faults.sh`'s restarts). With one arena
+/// those threads share the main heap, whose top `malloc_trim` does give
+/// back; they allocate a few times per produced batch, so the shared lock
+/// costs nothing measurable.
+pub fn configure_allocators() {
+    // SAFETY: mallopt takes no pointer; called first thing in main, before
+    // any thread exists. glibc returns 0 when it rejects the setting, which
+    // leaves the default: more memory, nothing wrong.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
+}
+
 /// For `tokio::runtime::Builder::on_thread_park`.
 pub fn on_worker_park() {
     let now = Instant::now();
@@ -76,6 +94,60 @@ mod tests {
             .find_map(|line| line.strip_prefix("RssAnon:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    /// glibc's arenas, as `malloc_info` lists them.
+    fn glibc_arenas() -> usize {
+        let mut buffer: *mut libc::c_char = std::ptr::null_mut();
+        let mut len: libc::size_t = 0;
+        // SAFETY: open_memstream allocates the buffer and updates both
+        // pointers on fclose; the buffer is read once, then freed.
+        unsafe {
+            let stream = libc::open_memstream(&mut buffer, &mut len);
+            assert!(!stream.is_null(), "open_memstream failed");
+            libc::malloc_info(0, stream);
+            libc::fclose(stream);
+            let xml = String::from_utf8_lossy(std::slice::from_raw_parts(buffer.cast::<u8>(), len)).into_owned();
+            libc::free(buffer.cast());
+            xml.matches("<heap nr=").count()
+        }
+    }
+
+    /// Runs in a process of its own (the test binary, re-executed on this
+    /// test alone): glibc fixes its arena limit the first time it needs
+    /// one, so the cap only works before the process has many threads.
+    #[test]
+    fn threads_started_after_the_cap_share_the_existing_arenas() {
+        const CHILD: &str = "MSYS_MEMORY_ARENA_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let name = "memory::tests::threads_started_after_the_cap_share_the_existing_arenas";
+            let exe = std::env::current_exe().expect("the test binary's path");
+            let out = std::process::Command::new(exe)
+                .args(["--exact", name, "--test-threads=1", "--nocapture"])
+                .env(CHILD, "1")
+                .output()
+                .expect("re-running the test binary");
+            let said = String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+            assert!(out.status.success() && said.contains("1 passed"), "the child run failed:\n{said}");
+            return;
+        }
+        configure_allocators();
+        let before = glibc_arenas();
+        let all_allocated = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let threads: Vec<_> = (0..4)
+            .map(|i| {
+                let all_allocated = all_allocated.clone();
+                std::thread::spawn(move || {
+                    let block = vec![i as u8; 64 * 1024];
+                    all_allocated.wait();
+                    drop(block);
+                })
+            })
+            .collect();
+        for thread in threads {
+            thread.join().expect("an allocating thread");
+        }
+        assert_eq!(glibc_arenas(), before, "four new threads made arenas of their own");
     }
 
     /// glibc keeps a thread arena's freed chunks resident while a live
