@@ -2,7 +2,10 @@
 //! descriptor set that gRPC server reflection serves. `protoc` comes from
 //! `protoc-bin-vendored`, so a fresh machine needs no system protobuf compiler.
 
-use std::{env, path::PathBuf};
+use std::{
+    env,
+    path::{Path, PathBuf},
+};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
@@ -23,6 +26,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     println!("cargo:rerun-if-changed=proto");
     // The dashboard bundle that src/frontend/assets.rs embeds: a new or rebuilt bundle recompiles.
-    println!("cargo:rerun-if-changed=frontend/dist");
+    // Cargo counts a missing path as changed on every build, so without the bundle (a plain
+    // `cargo build` before scripts/build-frontend.sh) watch its parent instead, which notices
+    // the bundle appearing and is otherwise still.
+    if Path::new("frontend/dist").exists() {
+        println!("cargo:rerun-if-changed=frontend/dist");
+    } else {
+        println!("cargo:rerun-if-changed=frontend");
+    }
     Ok(())
 }
