@@ -210,7 +210,7 @@ MSYS_BUILD_UNITS=247
 # CPU seconds (user+sys, /usr/bin/time) of each build, and the wall time they come to on an idle
 # 2-core machine given how many units cargo could run at once (README, "First start").
 NISSHI_BUILD_ESTIMATE="about 9 minutes on an idle 2-core machine (1069 s of CPU), longer while other work shares the cores"
-FIRST_START_ESTIMATE="about 14 minutes on an idle 2-core machine (13 min measured before LTO), longer while other work shares the cores"
+FIRST_START_ESTIMATE="about 12 minutes on an idle 2-core machine (11 min 41 s measured, crates already downloaded), longer while other work shares the cores"
 
 # Prints a progress line every STEP "Compiling" lines of a cargo build read on stdin: units done
 # of TOTAL and the time since START (epoch seconds). Counting units is honest about what is done,
