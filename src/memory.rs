@@ -3,13 +3,14 @@
 //! After a burst, or a database restart that fails thousands of calls at
 //! once, both allocators keep what they took at the peak: mimalloc keeps
 //! freed pages in each thread's heap, glibc (which librdkafka's C threads
-//! allocate from) keeps free chunks in each of its arenas. The role's
-//! resident memory then stays at the peak's level for good, though nothing
-//! uses it (issue 17 point 8, `scripts/bench-memory-faults.sh`).
+//! allocate from, in one arena: [`configure_allocators`]) keeps free chunks
+//! in its arenas. The role's resident memory then stays at the peak's level
+//! for good, though nothing uses it (issue 17 point 8,
+//! `scripts/bench-memory-faults.sh`).
 //!
 //! A tokio worker that parks has no task to run: that is when it collects
 //! its own mimalloc heap (only the owning thread may), and one of them trims
-//! glibc's arenas (one call trims them all). Each does so at most once per
+//! glibc (one call trims every arena). Each does so at most once per
 //! [`INTERVAL`], so under load, when workers park between bursts of work
 //! thousands of times a second, the cost is one clock read per park.
 
@@ -151,9 +152,11 @@ mod tests {
         assert_eq!(glibc_arenas(), before, "four new threads made arenas of their own");
     }
 
-    /// glibc keeps a thread arena's freed chunks resident while a live
-    /// chunk above them pins the heap's top: the shape librdkafka's threads
-    /// leave after a burst. A parked worker gives those pages back.
+    /// glibc keeps an arena's freed chunks resident while a live chunk
+    /// above them pins the heap's top, as librdkafka's threads leave it
+    /// after a burst. A parked worker gives those pages back. (This process
+    /// has no arena cap, so the test's thread gets an arena of its own;
+    /// `malloc_trim` frees the pages inside free chunks in every arena.)
     #[test]
     fn a_parked_worker_returns_freed_glibc_memory() {
         // The unit tests' allocator is the system's (glibc): mimalloc is the
