@@ -207,8 +207,9 @@ ensure_nisshi() {
 # and what the first start costs, measured (README, "First start").
 NISSHI_UNITS=458
 MSYS_BUILD_UNITS=247
-# CPU seconds (user+sys, /usr/bin/time) of each build, and the wall time they come to on an idle
-# 2-core machine given how many units cargo could run at once (README, "First start").
+# nisshi's: CPU seconds (user+sys, /usr/bin/time) and the wall time they come to on an idle 2-core
+# machine given how many units cargo could run at once; the first start's: the wall time measured
+# from empty caches with both builds side by side (README, "First start").
 NISSHI_BUILD_ESTIMATE="about 9 minutes on an idle 2-core machine (1069 s of CPU), longer while other work shares the cores"
 FIRST_START_ESTIMATE="about 12 minutes on an idle 2-core machine (11 min 41 s measured, crates already downloaded), longer while other work shares the cores"
 
